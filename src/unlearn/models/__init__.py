@@ -1,0 +1,1 @@
+"""Tokenizer training, model building/loading, QA formatting and batched scoring."""

@@ -1,0 +1,83 @@
+"""Answer-token log-probabilities: the one primitive behind training losses and metrics.
+
+Everything is batched: one forward pass per batch of answers, the per-token
+log-probabilities gathered with a single ``cross_entropy`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .formatting import IGNORE, collate, encode_many
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align logits at position t with the label at t+1 (next-token prediction)."""
+    return logits[:, :-1, :], labels[:, 1:]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log p(label) and the answer mask, both ``[B, T-1]``.
+
+    ``labels`` follow the Hugging Face convention (aligned with ``input_ids``,
+    -100 where no loss applies); the shift happens here.
+    """
+    lg, lb = shift(logits, labels)
+    mask = lb != IGNORE
+    safe = lb.masked_fill(~mask, 0)
+    logp = -F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), safe.reshape(-1), reduction="none").view(lb.shape)
+    return logp * mask, mask
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of answer-token log-probs ``[B]`` and answer lengths ``[B]``."""
+    logp, mask = token_logprobs(logits, labels)
+    return logp.sum(-1), mask.sum(-1)
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean answer-token NLL over the whole batch (the fine-tuning loss)."""
+    logp, mask = token_logprobs(logits, labels)
+    return -(logp.sum() / mask.sum().clamp(min=1))
+
+
+@torch.no_grad()
+def score_answers(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    max_length: int,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed answer NLL and answer length per (question, answer) pair.
+
+    Pairs are scored in batches; callers flatten paraphrased and perturbed
+    answers into one list so they share forward passes.
+    """
+    model.eval()
+    device = device or next(model.parameters()).device
+    enc = encode_many(tokenizer, questions, answers, max_length)
+    nll = np.zeros(len(enc), dtype=np.float64)
+    n = np.zeros(len(enc), dtype=np.int64)
+    # Sort by length so each batch pads little; restore order at the end.
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([enc[i] for i in idx], tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s, L = sequence_logprob(logits, batch["labels"])
+        nll[idx] = (-s).double().cpu().numpy()
+        n[idx] = L.cpu().numpy()
+    return nll, n
+
+
+def length_normalised_prob(nll_sum: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
+    """P(a|q)^(1/|a|) = exp(-mean token NLL)."""
+    return np.exp(-nll_sum / np.maximum(n_tokens, 1))
