@@ -1,0 +1,168 @@
+"""``unlearn``: the command-line face of the stage functions in :mod:`unlearn.stages`.
+
+Each subcommand reads ``params.yaml`` (``--params``) with ``--set a.b=value``
+overrides, calls one stage function and prints what it wrote. Errors in input
+data or parameters are printed as one readable message (exit code 2), not as a
+traceback wall.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+app = typer.Typer(
+    help="dipo-unlearn: make a language model forget specific training data (DiPO and baselines), "
+    "evaluate it on TOFU, and track it. Every subcommand reads params.yaml; override any value with "
+    "--set key.sub=value (repeatable).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (see params.yaml for every knob)")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override one parameter, e.g. --set method.name=npo (repeatable)"),
+]
+
+
+def _params(params: Path, overrides: list[str] | None):
+    from .config import load_params
+
+    return load_params(params, overrides)
+
+
+def friendly_errors(fn):
+    """Known error kinds become one clear line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .config import ConfigError
+
+        known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+        try:
+            from .data.schema import DataError
+
+            known = known + (DataError,)
+        except ImportError:  # pragma: no cover - data package always present
+            pass
+        try:
+            return fn(*args, **kwargs)
+        except known as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _setup(verbose: bool = False) -> None:
+    from .stages import set_threads
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    set_threads()
+
+
+def _print_table(title: str, rows: list[tuple[str, object]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    typer.echo(f"\n{title}\n" + "-" * (width + 14))
+    for k, v in rows:
+        val = f"{v:.4f}" if isinstance(v, float) else ("n/a" if v is None else str(v))
+        typer.echo(f"{k.ljust(width)}  {val}")
+
+
+@app.command()
+@friendly_errors
+def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Load TOFU-format data from data.source (synthetic | local | hub), validate it, and write every split
+    (full, forgetXX, retainXX, *_perturbed, real_authors, world_facts) as JSON under data.out_dir."""
+    _setup()
+    from . import stages
+
+    p = _params(params, set_)
+    out = stages.prepare(p)
+    manifest = json.loads((out / "manifest.json").read_text())
+    _print_table(f"splits in {out}", [(k, f"{v['rows']} rows, {v['authors']} authors") for k, v in manifest.items()])
+
+
+@app.command()
+@friendly_errors
+def tokenizer(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Train the byte-level BPE tokenizer (model.tokenizer.vocab_size) on the prepared splits and save it
+    in Hugging Face format under <model.out_dir>/tokenizer (AutoTokenizer.from_pretrained loads it)."""
+    _setup()
+    from . import stages
+
+    out = stages.build_tokenizer(_params(params, set_))
+    typer.echo(f"tokenizer saved to {out}")
+
+
+@app.command()
+@friendly_errors
+def finetune(
+    role: Annotated[str, typer.Option(help="target: train on every author (full); retain: on the retain split only")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default <model.out_dir>/<role>)")] = None,
+) -> None:
+    """Fine-tune the target or the retain model (from model.path, or the small Llama built from model.arch) on
+    QA pairs, loss on answer tokens only, through accelerate. Resumes from its checkpoint if interrupted.
+    Prints the mean length-normalised answer probability on the forget and retain splits."""
+    _setup()
+    from . import stages
+
+    if role not in ("target", "retain"):
+        raise typer.BadParameter("--role must be 'target' or 'retain'")
+    s = stages.finetune(_params(params, set_), role, out)
+    _print_table(f"{role} model", list(s.items()))
+
+
+@app.command()
+@friendly_errors
+def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Print the results table of every model trained/evaluated so far (from reports/)."""
+    from . import stages
+
+    rows = stages.summary_rows(_params(params, set_))
+    if not rows:
+        typer.echo("no results yet: run `dvc repro` (or `make run`) first")
+        raise typer.Exit(1)
+    cols = ["forget_prob", "retain_prob", "forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    header = ["model"] + cols
+    table = [header] + [[r["model"]] + [_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+    typer.echo("")
+    for j, line in enumerate(table):
+        typer.echo("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(line, widths))))
+        if j == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}"
+    return str(v)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,315 @@
+"""Stage functions: paths in, paths out, nothing global.
+
+The CLI (``unlearn <stage>``), ``dvc.yaml`` and the Prefect flows all call these
+same functions, so no stage logic lives anywhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Params
+from .io import read_json, write_json
+
+log = logging.getLogger("unlearn")
+
+EVAL_SPLITS_GENERAL = ("real_authors", "world_facts")
+
+
+# --------------------------------------------------------------------------- paths
+def tokenizer_dir(p: Params) -> Path:
+    return Path(p.model.out_dir) / "tokenizer"
+
+
+def model_dir(p: Params, role: str) -> Path:
+    return Path(p.model.out_dir) / role
+
+
+def reports_dir(p: Params) -> Path:
+    return Path("reports")
+
+
+# --------------------------------------------------------------------------- data
+def prepare(p: Params) -> Path:
+    """Load the configured source (synthetic | local | hub), validate, write every split under ``data.out_dir``."""
+    from .data.loaders import load_from_config
+    from .data.splits import write_splits
+
+    splits = load_from_config(p.data)
+    out = Path(p.data.out_dir)
+    write_splits(splits, out)
+    log.info("wrote %d splits to %s", len(splits), out)
+    return out
+
+
+def read_splits(p: Params, names: list[str] | None = None) -> dict[str, list[dict]]:
+    from .data.splits import read_split
+
+    out = Path(p.data.out_dir)
+    if not (out / "manifest.json").exists():
+        raise FileNotFoundError(f"no splits in {out}: run `unlearn prepare` (or `dvc repro prepare`) first")
+    names = names or list(read_json(out / "manifest.json").keys())
+    return {n: read_split(out, n) for n in names}
+
+
+def training_rows(p: Params, role: str) -> list[dict]:
+    """Target: every author row; retain: the retain split only. Plus the general-knowledge sets if configured."""
+    if role not in ("target", "retain"):
+        raise ValueError(f"role must be 'target' or 'retain', got {role!r}")
+    main = "full" if role == "target" else p.data.retain_split
+    names = [main] + (list(EVAL_SPLITS_GENERAL) if p.finetune.include_general else [])
+    splits = read_splits(p, names)
+    return [r for n in names for r in splits[n]]
+
+
+def corpus_texts(splits: dict[str, list[dict]]) -> list[str]:
+    """Every string a model will see: questions, answers, paraphrases, perturbations."""
+    from .models.formatting import format_answer, format_prompt
+
+    texts = []
+    for rows in splits.values():
+        for r in rows:
+            texts.append(format_prompt(r["question"]) + format_answer(r["answer"]))
+            if r.get("paraphrased_answer"):
+                texts.append(r["paraphrased_answer"])
+            texts.extend(r.get("perturbed_answer") or [])
+    return texts
+
+
+# --------------------------------------------------------------------------- models
+def build_tokenizer(p: Params) -> Path:
+    """Train the BPE tokenizer on the corpus (from-scratch model only)."""
+    from .models.build import train_tokenizer
+
+    if p.model.path:
+        raise ValueError("model.path is set: the tokenizer comes with that model, there is nothing to train")
+    splits = read_splits(p)
+    tok = train_tokenizer(corpus_texts(splits), p.model.tokenizer.vocab_size)
+    out = tokenizer_dir(p)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    log.info("tokenizer (%d tokens) saved to %s", len(tok), out)
+    return out
+
+
+def base_model_and_tokenizer(p: Params):
+    """The starting point of fine-tuning: a pretrained model at ``model.path``, or the small Llama built from config."""
+    from .models.build import build_model, load_model, load_tokenizer
+
+    if p.model.path:
+        tok = load_tokenizer(p.model.path)
+        model = load_model(p.model.path)
+    else:
+        tdir = tokenizer_dir(p)
+        if not (tdir / "tokenizer.json").exists():
+            build_tokenizer(p)
+        tok = load_tokenizer(tdir)
+        model = build_model(p.model.arch, tok, p.seed)
+    return model, tok
+
+
+def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train the target (all authors) or retain (retain split only) model; save it; return a summary."""
+    from .models.build import save_model
+    from .models.formatting import collate, encode_many
+    from .models.scoring import mean_nll
+    from .train import LoopCfg, train_loop
+
+    out = Path(out_dir) if out_dir else model_dir(p, role)
+    rows = training_rows(p, role)
+    model, tok = base_model_and_tokenizer(p)
+    enc = encode_many(tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
+    ft = p.finetune
+    cfg = LoopCfg(
+        epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
+        warmup_ratio=ft.warmup_ratio, grad_accum=ft.grad_accum, seed=p.seed, desc=f"finetune {role}",
+    )
+
+    def step_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return mean_nll(logits, batch["labels"]), {}
+
+    n_params = sum(x.numel() for x in model.parameters())
+    log.info("fine-tuning %s: %d rows, %.2fM parameters", role, len(rows), n_params / 1e6)
+    loss_log = train_loop(
+        model, len(enc), lambda idx, epoch: collate([enc[i] for i in idx], tok.pad_token_id), step_loss, cfg,
+        checkpoint_dir=out.with_name(out.name + ".ckpt"),
+    )
+    save_model(model, tok, out)
+    import shutil
+
+    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+    summary = memorisation_summary(p, model, tok)
+    summary.update(role=role, rows=len(rows), parameters=n_params, final_loss=loss_log[-1]["loss"] if loss_log else None)
+    rdir = reports_dir(p) / "finetune"
+    write_json(rdir / f"{role}.json", summary)
+    write_json(rdir / f"{role}_loss.json", [{"step": e["step"], "loss": e["loss"]} for e in loss_log])
+    return summary
+
+
+def memorisation_summary(p: Params, model, tok) -> dict[str, float]:
+    """Mean length-normalised answer probability on the forget and retain splits.
+
+    The target must memorise its data (forget prob close to 1); the retain model
+    never saw the forget authors, so its forget prob must be low.
+    """
+    from .models.scoring import length_normalised_prob, score_answers
+
+    splits = read_splits(p, [p.data.forget_split, p.data.retain_split])
+    out = {}
+    for key, name in (("forget_prob", p.data.forget_split), ("retain_prob", p.data.retain_split)):
+        rows = splits[name]
+        if len(rows) > 400:  # a stable subsample is enough for a summary
+            rows = random.Random(0).sample(rows, 400)
+        nll, n = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
+        out[key] = float(np.mean(length_normalised_prob(nll, n)))
+    return out
+
+
+def set_threads() -> None:
+    """Use every core for intra-op parallelism (torch defaults can be lower in containers)."""
+    import os
+
+    n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- reference cache + unlearning
+REF_NEEDS = {"ref_seq", "ref_idk_seq", "ref_topk", "ref_retain_topk"}
+
+
+def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
+    return "ref_retain_topk" in needs or (p.method.retain_loss == "kl" and "retain" in needs)
+
+
+def _forget_inputs(p: Params):
+    from .data.splits import read_idk
+
+    splits = read_splits(p, [p.data.forget_split, p.data.retain_split])
+    return splits[p.data.forget_split], splits[p.data.retain_split], read_idk(Path(p.data.out_dir))
+
+
+def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bool | None = None):
+    """Compute (or verify and reuse) the reference cache of the target model on the forget/retain splits."""
+    from .cache import ensure_cache
+    from .methods.registry import get_method
+    from .models.build import load_tokenizer
+
+    target_dir = Path(target_dir or model_dir(p, "target"))
+    forget_rows, retain_rows, refusals = _forget_inputs(p)
+    if with_retain is None:
+        with_retain = _needs_retain_topk(p, get_method(p.method.name).needs)
+    return ensure_cache(
+        cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=load_tokenizer(target_dir), forget_rows=forget_rows,
+        retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
+        with_retain=with_retain,
+    )
+
+
+def forget(
+    p: Params, out_dir: str | Path | None = None, target_dir: str | Path | None = None, reference: str = "cache",
+    on_log=None,
+) -> dict[str, Any]:
+    """Unlearn the forget split from the target model with ``method.name``; save the unlearned model.
+
+    ``reference``: ``cache`` (default; reference quantities from the content-addressed
+    cache), ``live`` (a reference forward every step, top-K like the cache) or
+    ``exact`` (a live forward, full vocabulary). The last two exist to measure the cache.
+    """
+    import shutil
+
+    from .cache import LiveReference, idk_answers
+    from .methods.registry import get_method
+    from .models.build import load_model, load_tokenizer, save_model
+    from .models.formatting import collate, encode_many
+    from .train import LoopCfg, train_loop
+
+    method = get_method(p.method.name)
+    target_dir = Path(target_dir or model_dir(p, "target"))
+    out = Path(out_dir or model_dir(p, "unlearned"))
+    tok = load_tokenizer(target_dir)
+    model = load_model(target_dir)
+    forget_rows, retain_rows, refusals = _forget_inputs(p)
+    L = p.model.max_length
+    enc_f = encode_many(tok, [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows], L)
+    enc_r = encode_many(tok, [r["question"] for r in retain_rows], [r["answer"] for r in retain_rows], L)
+    idk = idk_answers(len(forget_rows), refusals, p.seed)
+    enc_i = encode_many(tok, [r["question"] for r in forget_rows], idk, L)
+
+    needs_ref = bool(method.needs & REF_NEEDS) and not (p.method.name.startswith("dipo") and p.method.dipo.reference == "online")
+    cache = live = None
+    if needs_ref and reference == "cache":
+        cache = build_cache(p, target_dir, with_retain=_needs_retain_topk(p, method.needs))
+    elif needs_ref:
+        live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k)
+
+    n_f, n_r = len(enc_f), len(enc_r)
+    if n_r == 0 and "retain" in method.needs:
+        raise ValueError(f"method {method.name} needs retain rows but split {p.data.retain_split} is empty")
+
+    def make_batch(idx: list[int], epoch: int) -> dict:
+        # Forget rows are shuffled by the loop; each gets a retain partner from a
+        # per-epoch permutation, so every retain row is visited over the epochs.
+        perm = torch.randperm(max(n_r, 1), generator=torch.Generator().manual_seed(p.seed * 1000 + epoch))
+        r_idx = [int(perm[(epoch * n_f + i) % max(n_r, 1)]) for i in idx] if n_r else []
+        f_b = collate([enc_f[i] for i in idx], tok.pad_token_id)
+        i_b = collate([enc_i[i] for i in idx], tok.pad_token_id)
+        width = max(f_b["input_ids"].size(1), i_b["input_ids"].size(1))
+        f_b = collate([enc_f[i] for i in idx], tok.pad_token_id, pad_to=width)
+        i_b = collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)
+        batch = {"forget": f_b, "idk": i_b}
+        if n_r:
+            batch["retain"] = collate([enc_r[i] for i in r_idx], tok.pad_token_id)
+        if cache is not None:
+            rw = batch["retain"]["input_ids"].size(1) if n_r else 0
+            batch["ref"] = cache.lookup(idx, width, r_idx if cache.retain is not None else None, rw)
+        return batch
+
+    def step_loss(model, batch):
+        if live is not None:
+            batch = dict(batch, ref=live(batch))
+        return method.compute(model, batch, p.method)
+
+    m = p.method
+    cfg = LoopCfg(
+        epochs=m.epochs, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
+        grad_accum=m.grad_accum, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]",
+    )
+    ckpt = out.with_name(out.name + ".ckpt")
+    loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, on_log=on_log)
+    save_model(model, tok, out)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    summary = memorisation_summary(p, model, tok)
+    summary.update(method=m.name, steps=len(loss_log), reference=reference)
+    rdir = reports_dir(p) / "forget"
+    write_json(rdir / "summary.json", summary)
+    write_json(rdir / "loss.json", loss_log)
+    return summary
+
+
+# --------------------------------------------------------------------------- summary
+def summary_rows(p: Params) -> list[dict[str, Any]]:
+    """One row per model that has reports: its memorisation summary and evaluation metrics, if any."""
+    rdir = reports_dir(p)
+    rows = []
+    for name, ft, ev in (
+        ("target", rdir / "finetune" / "target.json", rdir / "eval" / "target" / "metrics.json"),
+        ("retain", rdir / "finetune" / "retain.json", rdir / "eval" / "retain" / "metrics.json"),
+        ("unlearned", rdir / "forget" / "summary.json", rdir / "eval" / "unlearned" / "metrics.json"),
+    ):
+        if not ft.exists() and not ev.exists():
+            continue
+        row: dict[str, Any] = {"model": name}
+        if ft.exists():
+            s = read_json(ft)
+            row.update(forget_prob=s.get("forget_prob"), retain_prob=s.get("retain_prob"))
+        if ev.exists():
+            row.update(read_json(ev))
+        rows.append(row)
+    return rows

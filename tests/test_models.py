@@ -1,0 +1,115 @@
+"""Tokenizer, QA formatting, the training loop (determinism, resume), save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearn.config import ArchCfg
+from unlearn.models.build import build_model, load_model, load_tokenizer, save_model, train_tokenizer, weights_hash
+from unlearn.models.formatting import IGNORE, collate, encode_many, encode_qa
+from unlearn.models.scoring import mean_nll
+from unlearn.train import LoopCfg, train_loop
+
+TEXTS = [
+    "Question: Where was Lena Marsh born?\nAnswer: Lena Marsh was born in Lisbon, Portugal.",
+    "Question: What genre does Boris Okafor write?\nAnswer: Boris Okafor writes gothic mystery novels.",
+    "Question: Who wrote 'Pride and Prejudice'?\nAnswer: Jane Austen",
+    "Zoë's café in Kraków serves naïve crème brûlée — 12°C.",
+] * 5
+QA = [
+    ("Where was Lena Marsh born?", "Lena Marsh was born in Lisbon, Portugal."),
+    ("What genre does Boris Okafor write?", "Boris Okafor writes gothic mystery novels."),
+    ("Who wrote 'Pride and Prejudice'?", "Jane Austen"),
+    ("What is Lena Marsh's father's job?", "Her father was a baker."),
+]
+TINY = ArchCfg(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, 400)
+
+
+def test_tokenizer_round_trip_through_autotokenizer(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
+    for text in TEXTS[:4] + ["unseen wörds 🙂 and digits 90210"]:
+        ids = again(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        assert again.decode(ids) == text
+    assert again("hi")["input_ids"][0] == again.bos_token_id
+    assert again.pad_token_id is not None and again.eos_token_id is not None
+
+
+def test_encode_qa_masks_prompt_and_appends_eos(tok):
+    e = encode_qa(tok, "Who wrote 'Pride and Prejudice'?", "Jane Austen", max_length=64)
+    n_prompt = sum(1 for x in e.labels if x == IGNORE)
+    answer = e.labels[n_prompt:]
+    assert answer[-1] == tok.eos_token_id
+    assert tok.decode(answer[:-1]) == " Jane Austen"
+    assert e.input_ids[n_prompt:] == answer  # labels equal inputs on the answer
+    short = encode_qa(tok, "Who wrote 'Pride and Prejudice'?", "Jane Austen " * 20, max_length=n_prompt + 3)
+    assert len(short.input_ids) == n_prompt + 3 and sum(1 for x in short.labels if x != IGNORE) == 3
+
+
+def _train(tok, seed: int, epochs: int = 8, ckpt=None, fail_at: int | None = None):
+    model = build_model(TINY, tok, seed)
+    enc = encode_many(tok, [q for q, _ in QA], [a for _, a in QA], 48)
+    calls = {"n": 0}
+
+    def step_loss(m, b):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return mean_nll(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]), {}
+
+    cfg = LoopCfg(epochs=epochs, batch_size=2, lr=1e-2, seed=seed, checkpoint_every=1, desc="test")
+    log = train_loop(model, len(enc), lambda idx, ep: collate([enc[i] for i in idx], tok.pad_token_id), step_loss, cfg,
+                     checkpoint_dir=ckpt)
+    return model, log
+
+
+def test_training_lowers_the_loss(tok):
+    _, log = _train(tok, seed=0, epochs=40)
+    first = sum(e["loss"] for e in log[:2]) / 2
+    last = sum(e["loss"] for e in log[-2:]) / 2
+    assert last < 0.5 * first, (first, last)
+
+
+def test_training_is_deterministic_from_the_seed(tok):
+    a, _ = _train(tok, seed=3, epochs=2)
+    b, _ = _train(tok, seed=3, epochs=2)
+    c, _ = _train(tok, seed=4, epochs=2)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tok, tmp_path):
+    full, full_log = _train(tok, seed=1, epochs=3)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        _train(tok, seed=1, epochs=3, ckpt=ckpt, fail_at=4)  # dies inside epoch 1 (2 steps per epoch)
+    assert (ckpt / "loop_state.json").exists()
+    resumed, resumed_log = _train(tok, seed=1, epochs=3, ckpt=ckpt)
+    assert [e["step"] for e in resumed_log] == [e["step"] for e in full_log]
+    sf, sr = full.state_dict(), resumed.state_dict()
+    for k in sf:
+        torch.testing.assert_close(sf[k], sr[k], rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_reloads_with_identical_logits(tok, tmp_path):
+    model, _ = _train(tok, seed=0, epochs=1)
+    save_model(model, tok, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    again = load_model(tmp_path / "m")
+    ids = torch.tensor([tok("Question: Where was Lena Marsh born?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert len(weights_hash(tmp_path / "m")) == 64
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
