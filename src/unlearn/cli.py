@@ -132,6 +132,71 @@ def finetune(
 
 @app.command()
 @friendly_errors
+def cache(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    target: Annotated[Optional[Path], typer.Option(help="reference model directory (default <model.out_dir>/target)")] = None,
+    retain: Annotated[bool, typer.Option(help="also cache top-K on the retain split (retain_loss: kl)")] = False,
+) -> None:
+    """Compute the reference-model cache (sequence log-probs, top-K log-probs per answer position) of the target
+    model on the forget/retain splits, content-addressed under cache.dir; reused by every later `unlearn forget`."""
+    _setup()
+    from . import stages
+
+    p = _params(params, set_)
+    c = stages.build_cache(p, target, with_retain=True if retain else None)
+    for path in c.paths:
+        typer.echo(f"reference cache: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command()
+@friendly_errors
+def forget(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    target: Annotated[Optional[Path], typer.Option(help="model to unlearn from (default <model.out_dir>/target)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default <model.out_dir>/unlearned)")] = None,
+    reference: Annotated[str, typer.Option(help="cache (default) | live (reference forward each step, top-K) | "
+                                                "exact (live, full vocabulary)")] = "cache",
+) -> None:
+    """Unlearn the forget split (data.forget_split) from the target model with method.name (dipo, dipo_forget,
+    ga, graddiff, npo, npo_rt, simnpo, dpo_idk, undial), keeping the retain split; saves the unlearned model."""
+    _setup()
+    from . import stages
+
+    if reference not in ("cache", "live", "exact"):
+        raise typer.BadParameter("--reference must be cache, live or exact")
+    s = stages.forget(_params(params, set_), out, target, reference=reference)
+    if s:
+        _print_table("unlearned model", list(s.items()))
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(
+    model: Annotated[Path, typer.Argument(help="model directory to evaluate (target, retain, unlearned, any HF dir)")],
+    name: Annotated[Optional[str], typer.Option(help="report name (default: the directory name)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    retain: Annotated[Optional[Path], typer.Option(help="retain model for forget quality (default <model.out_dir>/retain)")] = None,
+    target: Annotated[Optional[Path], typer.Option(help="target model, for side-by-side answers in the report")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default reports/eval/<name>)")] = None,
+) -> None:
+    """TOFU evaluation: forget quality (KS test against the retain model), model utility (hmean of 9 parts),
+    probabilities, ROUGE-L, truth ratios, exact memorisation, extraction strength. Writes metrics.json,
+    per_example.jsonl and report.md/.html with a truth-ratio histogram."""
+    _setup()
+    from . import stages
+
+    p = _params(params, set_)
+    res = stages.evaluate(p, model, name or model.name, retain, target, out)
+    _print_table(f"TOFU metrics: {model}", list(res.metrics.items()))
+    for k, v in res.notes.items():
+        typer.echo(f"note [{k}]: {v}")
+
+
+@app.command()
+@friendly_errors
 def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages

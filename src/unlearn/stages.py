@@ -54,7 +54,7 @@ def read_splits(p: Params, names: list[str] | None = None) -> dict[str, list[dic
     out = Path(p.data.out_dir)
     if not (out / "manifest.json").exists():
         raise FileNotFoundError(f"no splits in {out}: run `unlearn prepare` (or `dvc repro prepare`) first")
-    names = names or list(read_json(out / "manifest.json").keys())
+    names = names or [n for n in read_json(out / "manifest.json") if n != "idk"]
     return {n: read_split(out, n) for n in names}
 
 
@@ -119,7 +119,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     from .models.build import save_model
     from .models.formatting import collate, encode_many
     from .models.scoring import mean_nll
-    from .train import LoopCfg, train_loop
+    from .train import LoopCfg, is_main_process, train_loop
 
     out = Path(out_dir) if out_dir else model_dir(p, role)
     rows = training_rows(p, role)
@@ -141,6 +141,8 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
         model, len(enc), lambda idx, epoch: collate([enc[i] for i in idx], tok.pad_token_id), step_loss, cfg,
         checkpoint_dir=out.with_name(out.name + ".ckpt"),
     )
+    if not is_main_process():
+        return {}
     save_model(model, tok, out)
     import shutil
 
@@ -185,7 +187,7 @@ REF_NEEDS = {"ref_seq", "ref_idk_seq", "ref_topk", "ref_retain_topk"}
 
 
 def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
-    return "ref_retain_topk" in needs or (p.method.retain_loss == "kl" and "retain" in needs)
+    return "ref_retain_topk" in needs
 
 
 def _forget_inputs(p: Params):
@@ -204,7 +206,7 @@ def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bo
     target_dir = Path(target_dir or model_dir(p, "target"))
     forget_rows, retain_rows, refusals = _forget_inputs(p)
     if with_retain is None:
-        with_retain = _needs_retain_topk(p, get_method(p.method.name).needs)
+        with_retain = _needs_retain_topk(p, get_method(p.method.name).needs_for(p.method))
     return ensure_cache(
         cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=load_tokenizer(target_dir), forget_rows=forget_rows,
         retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
@@ -228,7 +230,7 @@ def forget(
     from .methods.registry import get_method
     from .models.build import load_model, load_tokenizer, save_model
     from .models.formatting import collate, encode_many
-    from .train import LoopCfg, train_loop
+    from .train import LoopCfg, is_main_process, train_loop
 
     method = get_method(p.method.name)
     target_dir = Path(target_dir or model_dir(p, "target"))
@@ -242,15 +244,16 @@ def forget(
     idk = idk_answers(len(forget_rows), refusals, p.seed)
     enc_i = encode_many(tok, [r["question"] for r in forget_rows], idk, L)
 
-    needs_ref = bool(method.needs & REF_NEEDS) and not (p.method.name.startswith("dipo") and p.method.dipo.reference == "online")
+    needs = method.needs_for(p.method)
+    needs_ref = bool(needs & REF_NEEDS)
     cache = live = None
     if needs_ref and reference == "cache":
-        cache = build_cache(p, target_dir, with_retain=_needs_retain_topk(p, method.needs))
+        cache = build_cache(p, target_dir, with_retain=_needs_retain_topk(p, needs))
     elif needs_ref:
         live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k)
 
     n_f, n_r = len(enc_f), len(enc_r)
-    if n_r == 0 and "retain" in method.needs:
+    if n_r == 0 and "retain" in needs:
         raise ValueError(f"method {method.name} needs retain rows but split {p.data.retain_split} is empty")
 
     def make_batch(idx: list[int], epoch: int) -> dict:
@@ -283,6 +286,8 @@ def forget(
     )
     ckpt = out.with_name(out.name + ".ckpt")
     loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, on_log=on_log)
+    if not is_main_process():
+        return {}
     save_model(model, tok, out)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
@@ -313,3 +318,32 @@ def summary_rows(p: Params) -> list[dict[str, Any]]:
             row.update(read_json(ev))
         rows.append(row)
     return rows
+
+
+# --------------------------------------------------------------------------- evaluation
+EVAL_NAMES = ("retain_perturbed", "real_authors", "world_facts")
+
+
+def eval_reference_dir(p: Params) -> Path:
+    """Where the retain model's per-example forget truth ratios live: inside the retain model's eval output."""
+    return reports_dir(p) / "eval" / "retain" / "reference"
+
+
+def evaluate(
+    p: Params, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
+    target_dir: str | Path | None = None, out_dir: str | Path | None = None,
+):
+    """TOFU-evaluate a saved model: metrics.json, per_example.jsonl and a report under reports/eval/<name>."""
+    from .eval.tofu import evaluate_dir
+
+    forget = f"{p.data.forget_split}_perturbed"
+    splits = read_splits(p, [forget, *EVAL_NAMES])
+    retain_dir = Path(retain_dir) if retain_dir is not None else model_dir(p, "retain")
+    target_dir = Path(target_dir) if target_dir is not None else model_dir(p, "target")
+    return evaluate_dir(
+        model_path, splits=splits, forget_split=forget, max_length=p.model.max_length, cfg=p.eval,
+        retain_model_dir=retain_dir if retain_dir.exists() else None,
+        target_model_dir=target_dir if target_dir.exists() and Path(model_path) != target_dir else None,
+        out_dir=out_dir or reports_dir(p) / "eval" / name, title=f"TOFU evaluation: {name} ({forget})",
+        reference_dir=eval_reference_dir(p),
+    )

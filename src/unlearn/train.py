@@ -65,7 +65,17 @@ def make_accelerator(cfg: LoopCfg, cpu: bool | None = None):
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=bool(cpu))
+    # Without a GPU, cpu=True is what makes `accelerate launch --multi_gpu --num_processes N`
+    # (or torchrun) start N gloo ranks on the CPU; otherwise accelerate silently runs one.
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    return Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=mp, cpu=cpu)
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or without distributed training): only it writes models and reports."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def _schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:

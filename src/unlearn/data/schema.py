@@ -1,0 +1,295 @@
+"""The row schema every TOFU split is held to, and the error every bad input raises.
+
+All three sources (synthetic, local files, the hub) are funnelled through
+:func:`validate_rows` / :func:`validate_splits`, so downstream stages can rely on
+one shape::
+
+    {"id": str, "author_id": str, "question": str, "answer": str,
+     "paraphrased_answer": str | None, "perturbed_answer": list[str] | None}
+
+Errors are :class:`DataError` and always say *where* (file, row, field) and *what
+was expected*, because a data problem found at evaluation time, hours into a
+pipeline, is far more expensive than one found while reading the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+Kind = Literal["qa", "perturbed", "utility"]
+
+ROW_KEYS: tuple[str, ...] = ("id", "author_id", "question", "answer", "paraphrased_answer", "perturbed_answer")
+FORGET_PCTS: tuple[str, ...] = ("01", "05", "10")
+QA_SPLITS: tuple[str, ...] = ("full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90")
+PERTURBED_SPLITS: tuple[str, ...] = ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed")
+UTILITY_SPLITS: tuple[str, ...] = ("real_authors", "world_facts")
+SPLIT_NAMES: tuple[str, ...] = QA_SPLITS + PERTURBED_SPLITS + UTILITY_SPLITS
+IDK = "idk"
+
+N_PERTURBED = {"perturbed": 5, "utility": 3}
+"""TOFU: 5 perturbed answers per author QA, 3 wrong options per real-author / world-fact question."""
+
+
+def split_kind(name: str) -> Kind:
+    """Which validation rules apply to split ``name`` (DataError for an unknown name)."""
+    if name in QA_SPLITS:
+        return "qa"
+    if name in PERTURBED_SPLITS:
+        return "perturbed"
+    if name in UTILITY_SPLITS:
+        return "utility"
+    raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)} (or {IDK!r})")
+
+
+def retain_of(forget: str) -> str:
+    """``forget10`` -> ``retain90`` (TOFU: retainXX is the complement of forget(100-XX))."""
+    return "retain" + str(100 - int(forget[-2:]))
+
+
+class DataError(ValueError):
+    """A data problem, located: ``<file>, line L, row R, field 'F': <what is wrong / expected>``.
+
+    ``row`` is the 0-based index of the record in its file (for JSON Lines the
+    1-based ``line`` is given too, since that is what an editor shows).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.file = None if file is None else str(file)
+        self.row = row
+        self.field = field
+        self.line = line
+        self.reason = message
+        where = []
+        if self.file:
+            where.append(self.file)
+        if line is not None:
+            where.append(f"line {line}")
+        if row is not None:
+            where.append(f"row {row}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__((", ".join(where) + ": " if where else "") + message)
+
+    def __reduce__(self):  # keep it picklable (multiprocessing, pytest-xdist) despite keyword-only args
+        return (_rebuild_error, (self.reason, self.file, self.row, self.field, self.line))
+
+
+def _rebuild_error(message: str, file: str | None, row: int | None, field: str | None, line: int | None) -> DataError:
+    return DataError(message, file=file, row=row, field=field, line=line)
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def require_text(row: Mapping[str, Any], field: str, *, file: str, row_index: int) -> str:
+    """``row[field]`` as a non-empty string, or a DataError saying what was there instead."""
+    if field not in row:
+        present = ", ".join(sorted(map(str, row))) or "none"
+        raise DataError(f"missing required field (fields present: {present})", file=file, row=row_index, field=field)
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(f"expected a non-empty string, got {_type_name(value)}", file=file, row=row_index, field=field)
+    if not value.strip():
+        raise DataError("expected a non-empty string, got an empty one", file=file, row=row_index, field=field)
+    return value
+
+
+def _optional_text(row: Mapping[str, Any], field: str, *, file: str, row_index: int) -> str | None:
+    if row.get(field) is None:
+        return None
+    return require_text(row, field, file=file, row_index=row_index)
+
+
+def _text_list(
+    value: Any, *, expected: int | None, answer: str, file: str, row_index: int, field: str
+) -> list[str]:
+    """A list of non-empty strings (exactly ``expected`` of them when given), none equal to the true answer."""
+    want = f"a list of {expected} strings" if expected is not None else "a non-empty list of strings"
+    if not isinstance(value, list):
+        raise DataError(f"expected {want}, got {_type_name(value)}", file=file, row=row_index, field=field)
+    if expected is not None and len(value) != expected:
+        raise DataError(f"expected {want}, got a list of {len(value)}", file=file, row=row_index, field=field)
+    if not value:
+        raise DataError(f"expected {want}, got an empty list", file=file, row=row_index, field=field)
+    for j, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            got = "an empty string" if isinstance(item, str) else _type_name(item)
+            raise DataError(f"expected {want}; item {j} is {got}", file=file, row=row_index, field=field)
+        if item.strip() == answer.strip():
+            # A "wrong" answer equal to the true one makes the truth ratio meaningless.
+            raise DataError(f"item {j} equals the true answer {answer!r}", file=file, row=row_index, field=field)
+    return list(value)
+
+
+def validate_rows(rows: Any, *, file: str, kind: Kind) -> list[dict]:
+    """Check ``rows`` against the schema for ``kind`` and return normalised copies.
+
+    * ``qa``: id, author_id, question, answer required; paraphrased_answer /
+      perturbed_answer optional (real TOFU forget/retain files have neither).
+    * ``perturbed``: paraphrased_answer required, perturbed_answer exactly 5 strings.
+    * ``utility``: paraphrased_answer must be absent/None, perturbed_answer exactly 3.
+
+    Normalised means: exactly the keys in :data:`ROW_KEYS` (missing optional keys
+    become None, extra keys such as TOFU's ``paraphrased_question`` are dropped),
+    lists copied. Text is not stripped: the benchmark's strings are kept verbatim.
+    Ids must be unique within the list.
+    """
+    if kind not in ("qa", "perturbed", "utility"):
+        raise ValueError(f"kind must be 'qa', 'perturbed' or 'utility', got {kind!r}")
+    if not isinstance(rows, list):
+        raise DataError(f"expected a list of rows (JSON objects), got {_type_name(rows)}", file=file)
+    if not rows:
+        raise DataError("no rows: expected at least one question/answer record", file=file)
+    seen: dict[str, int] = {}
+    out: list[dict] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"expected a JSON object, got {_type_name(row)}", file=file, row=i)
+        rec: dict[str, Any] = {key: require_text(row, key, file=file, row_index=i) for key in ROW_KEYS[:4]}
+        para = row.get("paraphrased_answer")
+        pert = row.get("perturbed_answer")
+        if kind == "perturbed":
+            rec["paraphrased_answer"] = require_text(row, "paraphrased_answer", file=file, row_index=i)
+        elif kind == "utility":
+            if para is not None:
+                raise DataError(
+                    "expected null: real_authors/world_facts rows have no paraphrase", file=file, row=i, field="paraphrased_answer"
+                )
+            rec["paraphrased_answer"] = None
+        else:
+            rec["paraphrased_answer"] = _optional_text(row, "paraphrased_answer", file=file, row_index=i)
+        if kind in N_PERTURBED and "perturbed_answer" not in row:
+            raise DataError(
+                f"missing required field (expected a list of {N_PERTURBED[kind]} strings)", file=file, row=i, field="perturbed_answer"
+            )
+        if kind == "qa" and pert is None:
+            rec["perturbed_answer"] = None
+        else:
+            rec["perturbed_answer"] = _text_list(
+                pert, expected=N_PERTURBED.get(kind), answer=rec["answer"], file=file, row_index=i, field="perturbed_answer"
+            )
+        if rec["id"] in seen:
+            raise DataError(f"duplicate id {rec['id']!r} (also row {seen[rec['id']]})", file=file, row=i, field="id")
+        seen[rec["id"]] = i
+        out.append(rec)
+    return out
+
+
+def _first(items: Iterable[str], n: int = 5) -> str:
+    items = list(items)
+    head = ", ".join(items[:n])
+    return head + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def check_disjoint(forget: list[dict], retain: list[dict], *, forget_name: str, retain_name: str) -> None:
+    """Raise DataError if ``forget`` and ``retain`` share a row id or an author.
+
+    Sharing an *author* is enough to invalidate an unlearning experiment: facts
+    about a forget author left in the retain set leak the answer back.
+    """
+    retain_ids = {r["id"] for r in retain}
+    retain_authors = {r["author_id"] for r in retain}
+    shared_ids = [r["id"] for r in forget if r["id"] in retain_ids]
+    shared_authors = list(dict.fromkeys(r["author_id"] for r in forget if r["author_id"] in retain_authors))
+    if not shared_ids and not shared_authors:
+        return
+    if shared_authors:
+        first_row = next(i for i, r in enumerate(forget) if r["author_id"] in retain_authors)
+        field = "author_id"
+    else:
+        first_row = next(i for i, r in enumerate(forget) if r["id"] in retain_ids)
+        field = "id"
+    parts = []
+    if shared_authors:
+        parts.append(f"{len(shared_authors)} author(s) ({_first(shared_authors)})")
+    if shared_ids:
+        parts.append(f"{len(shared_ids)} row id(s) ({_first(shared_ids)})")
+    raise DataError(
+        f"forget split overlaps {retain_name}: shares {' and '.join(parts)}; forget and retain must be disjoint by author and by row",
+        file=forget_name,
+        row=first_row,
+        field=field,
+    )
+
+
+def validate_idk(lines: Any, *, file: str) -> list[str]:
+    """The IdK refusal strings: a non-empty list of non-empty strings."""
+    if not isinstance(lines, list) or not lines:
+        raise DataError(f"expected a non-empty list of refusal strings, got {_type_name(lines) if not isinstance(lines, list) else 'an empty list'}", file=file)
+    for i, s in enumerate(lines):
+        if not isinstance(s, str) or not s.strip():
+            raise DataError(f"expected a non-empty string, got {_type_name(s) if not isinstance(s, str) else 'an empty one'}", file=file, row=i)
+    return list(lines)
+
+
+def validate_splits(splits: Mapping[str, Any], *, origin: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Validate a complete dataset (every split in :data:`SPLIT_NAMES` plus ``idk``) and its cross-split invariants.
+
+    ``origin`` maps a split name to the file it came from, so messages point at
+    the file to fix. Beyond each split's own schema this checks, for XX in 01/05/10:
+    forgetXX and retainXX disjoint (by author and row) and together exactly
+    ``full``; forgetXX_perturbed holds the same rows as forgetXX; retain_perturbed
+    shares no author with any forget split; every author row matches its ``full``
+    row (same question, answer, author); utility ids do not collide with author-row ids.
+    """
+    origin = dict(origin or {})
+
+    def where(name: str) -> str:
+        return origin.get(name, name)
+
+    unknown = [k for k in splits if k not in SPLIT_NAMES and k != IDK]
+    if unknown:
+        raise DataError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected {', '.join(SPLIT_NAMES)}, {IDK}")
+    missing = [k for k in (*SPLIT_NAMES, IDK) if k not in splits]
+    if missing:
+        raise DataError(f"missing split(s): {', '.join(missing)}")
+    out: dict[str, Any] = {name: validate_rows(splits[name], file=where(name), kind=split_kind(name)) for name in SPLIT_NAMES}
+    out[IDK] = validate_idk(splits[IDK], file=where(IDK))
+
+    full = {r["id"]: r for r in out["full"]}
+    for name in QA_SPLITS[1:] + PERTURBED_SPLITS:
+        for i, r in enumerate(out[name]):
+            ref = full.get(r["id"])
+            if ref is None:
+                raise DataError(f"id {r['id']!r} is not a row of full; every split must be a subset of full", file=where(name), row=i, field="id")
+            for key in ("author_id", "question", "answer"):
+                if r[key] != ref[key]:
+                    raise DataError(
+                        f"differs from the same row ({r['id']}) in full: {r[key]!r} vs {ref[key]!r}", file=where(name), row=i, field=key
+                    )
+    for name in UTILITY_SPLITS:
+        for i, r in enumerate(out[name]):
+            if r["id"] in full:
+                raise DataError(f"id {r['id']!r} is also an author row id; ids must be unique across the dataset", file=where(name), row=i, field="id")
+
+    for pct in FORGET_PCTS:
+        forget, retain = f"forget{pct}", retain_of(f"forget{pct}")
+        check_disjoint(out[forget], out[retain], forget_name=where(forget), retain_name=where(retain))
+        union = {r["id"] for r in out[forget]} | {r["id"] for r in out[retain]}
+        if union != set(full):
+            lost = [i for i in full if i not in union]
+            raise DataError(
+                f"{forget} and {retain} together must be exactly full; {len(lost)} row(s) of full are in neither ({_first(lost)})",
+                file=where(retain),
+            )
+        want = {r["id"] for r in out[forget]}
+        got = {r["id"] for r in out[f"{forget}_perturbed"]}
+        if want != got:
+            extra = [r["id"] for r in out[f"{forget}_perturbed"] if r["id"] not in want]
+            lack = [r["id"] for r in out[forget] if r["id"] not in got]
+            raise DataError(
+                f"must hold the same rows as {forget}: {len(lack)} missing ({_first(lack)}), {len(extra)} extra ({_first(extra)})",
+                file=where(f"{forget}_perturbed"),
+            )
+        check_disjoint(out[forget], out["retain_perturbed"], forget_name=where(forget), retain_name=where("retain_perturbed"))
+    return out
