@@ -197,6 +197,30 @@ def eval_(
 
 @app.command()
 @friendly_errors
+def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Data validation gate (Great Expectations): check the splits of data.forget_split in data.out_dir (required
+    columns not null, unique ids, forget/retain disjoint by row and author, sizes as in manifest.json, 5 (or 3)
+    perturbed answers, answer lengths). Writes <reports_dir>/validation/result.json; exit code 2 on failure."""
+    _setup()
+    from . import stages
+    from .data.validate import ValidationFailed, result_path
+
+    p = _params(params, set_)
+    try:
+        res = stages.validate(p)
+    except ValidationFailed as e:
+        typer.echo(e.report.render(), err=True)
+        typer.echo(f"result: {result_path(p)}", err=True)
+        raise typer.Exit(2) from None
+    _print_table(
+        f"data validation passed ({res['n_expectations']} expectations)",
+        [(k, f"{v['rows']} rows, {v['expectations']} expectations") for k, v in res["checked"].items()]
+        + [("result", str(result_path(p)))],
+    )
+
+
+@app.command()
+@friendly_errors
 def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages

@@ -119,6 +119,7 @@ class MethodCfg(_Strict):
 class CacheCfg(_Strict):
     dir: str = "cache"
     top_k: int = Field(64, ge=1)
+    retain: bool = Field(False, description="also cache top-K on the retain split (needed by retain_loss: kl)")
 
 
 class EvalCfg(_Strict):
@@ -130,6 +131,7 @@ class EvalCfg(_Strict):
 
 class Params(_Strict):
     seed: int = 0
+    reports_dir: str = "reports"
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     finetune: FinetuneCfg = FinetuneCfg()
@@ -170,7 +172,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-KNOWN_SECTIONS = {"seed", "data", "model", "finetune", "method", "cache", "eval"}
+KNOWN_SECTIONS = {"seed", "reports_dir", "data", "model", "finetune", "method", "cache", "eval"}
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:

@@ -32,7 +32,7 @@ def model_dir(p: Params, role: str) -> Path:
 
 
 def reports_dir(p: Params) -> Path:
-    return Path("reports")
+    return Path(p.reports_dir)
 
 
 # --------------------------------------------------------------------------- data
@@ -206,7 +206,13 @@ def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bo
     target_dir = Path(target_dir or model_dir(p, "target"))
     forget_rows, retain_rows, refusals = _forget_inputs(p)
     if with_retain is None:
-        with_retain = _needs_retain_topk(p, get_method(p.method.name).needs_for(p.method))
+        with_retain = p.cache.retain
+    needed = _needs_retain_topk(p, get_method(p.method.name).needs_for(p.method))
+    if needed and not with_retain:
+        raise ValueError(
+            f"method {p.method.name} with retain_loss={p.method.retain_loss} needs reference top-K on the retain "
+            "split: set cache.retain=true (e.g. --set cache.retain=true) so the cache stage computes it"
+        )
     return ensure_cache(
         cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=load_tokenizer(target_dir), forget_rows=forget_rows,
         retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
@@ -248,7 +254,7 @@ def forget(
     needs_ref = bool(needs & REF_NEEDS)
     cache = live = None
     if needs_ref and reference == "cache":
-        cache = build_cache(p, target_dir, with_retain=_needs_retain_topk(p, needs))
+        cache = build_cache(p, target_dir)
     elif needs_ref:
         live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k)
 
@@ -333,17 +339,57 @@ def evaluate(
     p: Params, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
     target_dir: str | Path | None = None, out_dir: str | Path | None = None,
 ):
-    """TOFU-evaluate a saved model: metrics.json, per_example.jsonl and a report under reports/eval/<name>."""
+    """TOFU-evaluate a saved model: metrics.json, per_example.jsonl and a report under reports/eval/<name>.
+
+    Evaluating ``unlearned`` also writes ``reports/eval/tradeoff.json``: forget
+    quality vs model utility of target, retain and unlearned (a DVC plot).
+    """
     from .eval.tofu import evaluate_dir
 
     forget = f"{p.data.forget_split}_perturbed"
     splits = read_splits(p, [forget, *EVAL_NAMES])
     retain_dir = Path(retain_dir) if retain_dir is not None else model_dir(p, "retain")
     target_dir = Path(target_dir) if target_dir is not None else model_dir(p, "target")
-    return evaluate_dir(
+    result = evaluate_dir(
         model_path, splits=splits, forget_split=forget, max_length=p.model.max_length, cfg=p.eval,
         retain_model_dir=retain_dir if retain_dir.exists() else None,
         target_model_dir=target_dir if target_dir.exists() and Path(model_path) != target_dir else None,
         out_dir=out_dir or reports_dir(p) / "eval" / name, title=f"TOFU evaluation: {name} ({forget})",
         reference_dir=eval_reference_dir(p),
     )
+    if name == "unlearned":
+        write_tradeoff(p, {"unlearned": result.metrics})
+    return result
+
+
+def write_tradeoff(p: Params, extra: dict[str, dict] | None = None) -> Path:
+    """Forget quality vs model utility for every evaluated model: the trade-off plot's data."""
+    points = []
+    metrics = {}
+    for name in ("target", "retain"):
+        f = reports_dir(p) / "eval" / name / "metrics.json"
+        if f.exists():
+            metrics[name] = read_json(f)
+    metrics.update(extra or {})
+    for name, m in metrics.items():
+        label = f"{name} ({p.method.name})" if name == "unlearned" else name
+        points.append({"model": label, "forget_quality": m.get("forget_quality"), "model_utility": m.get("model_utility"),
+                       "forget_prob": m.get("forget_prob")})
+    out = reports_dir(p) / "eval" / "tradeoff.json"
+    write_json(out, points)
+    return out
+
+
+# --------------------------------------------------------------------------- data validation gate
+def validate(p: Params) -> dict[str, Any]:
+    """Run the Great Expectations gate on the splits in ``data.out_dir``; writes ``<reports_dir>/validation/result.json``.
+
+    Raises :class:`~unlearn.data.validate.ValidationFailed` (its message is the readable report)
+    when any expectation fails, so nothing downstream runs. Returns the report as a dict.
+    """
+    from .data.validate import ValidationFailed, run_validation
+
+    report = run_validation(p)
+    if not report.success:
+        raise ValidationFailed(report)
+    return report.to_dict()
