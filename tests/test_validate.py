@@ -1,0 +1,243 @@
+"""The Great Expectations data gate (unlearn.data.validate): clean data passes, each kind of bad split is named.
+
+write_splits / read_split refuse most bad rows themselves, so bad splits are built
+in memory and handed to validate_splits_gx directly (the GX suite is an
+independent second line); the on-disk path is tested by writing JSON files
+directly, bypassing write_splits. GX imports once per process (~3 s); each suite
+run on the 10-author synthetic data takes well under a second.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unlearn.config import DataCfg, Params
+from unlearn.data.splits import dumps_rows, write_splits
+from unlearn.data.synthetic import generate_tofu
+from unlearn.data.validate import ValidationFailed, ValidationReport, gate_splits, run_validation, validate_splits_gx
+
+FORGET = "forget10"
+RETAIN = "retain90"
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """(splits, manifest, out_dir): the 10-author synthetic dataset, written once."""
+    out = tmp_path_factory.mktemp("tofu") / "splits"
+    splits = generate_tofu(n_authors=10)
+    manifest = write_splits(splits, out)
+    return splits, manifest, out
+
+
+def _run(splits, manifest, **kw) -> ValidationReport:
+    return validate_splits_gx(splits, forget_split=FORGET, manifest=manifest, **kw)
+
+
+def _only(report: ValidationReport, split: str, expectation: str, column: str | None = None) -> dict:
+    hits = [f for f in report.failures if f["split"] == split and f["expectation"] == expectation and f["column"] == column]
+    assert len(hits) == 1, report.render()
+    return hits[0]
+
+
+def _params(tmp_path: Path, out_dir: Path) -> Params:
+    return Params(reports_dir=str(tmp_path / "reports"), data=DataCfg(out_dir=str(out_dir), forget_split=FORGET))
+
+
+def test_clean_splits_pass(clean):
+    splits, manifest, _ = clean
+    report = _run(splits, manifest)
+    assert report.success, report.render()
+    assert report.failures == []
+    assert list(report.checked) == gate_splits(FORGET)
+    assert report.checked["full"]["rows"] == 200
+    assert "passed" in report.render()
+    json.dumps(report.to_dict())  # JSON-safe
+
+
+@pytest.mark.parametrize("how", ["null", "missing"])
+def test_null_or_missing_answer(clean, how):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    row = bad[FORGET][3]
+    if how == "null":
+        row["answer"] = None
+    else:
+        del row["answer"]
+    report = _run(bad, manifest)
+    assert not report.success
+    f = _only(report, FORGET, "expect_column_values_to_not_be_null", "answer")
+    assert f["rows"] == [row["id"]] and f["count"] == 1
+    text = report.render()
+    assert "expect_column_values_to_not_be_null" in text and FORGET in text and row["id"] in text
+
+
+def test_duplicated_id(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    dup = bad[RETAIN][4]["id"]
+    bad[RETAIN][5]["id"] = dup
+    report = _run(bad, manifest)
+    f = _only(report, RETAIN, "expect_column_values_to_be_unique", "id")
+    assert f["count"] == 2 and f["rows"] == [dup, dup]
+    assert dup in report.render()
+
+
+def test_retain_row_of_a_forget_author(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    row = bad[RETAIN][3]
+    row["author_id"] = bad[FORGET][0]["author_id"]
+    report = _run(bad, manifest)
+    f = _only(report, RETAIN, "expect_column_values_to_not_be_in_set", "author_id")
+    assert f["rows"] == [row["id"]] and f["count"] == 1
+    assert "disjoint" in f["message"]
+    assert row["id"] in report.render()
+
+
+def test_retain_row_duplicating_a_forget_id(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    forget_id = bad[FORGET][0]["id"]
+    bad[RETAIN][4]["id"] = forget_id
+    report = _run(bad, manifest)
+    f = _only(report, RETAIN, "expect_column_values_to_not_be_in_set", "id")
+    assert f["rows"] == [forget_id]
+    assert forget_id in report.render()
+
+
+def test_split_size_differs_from_manifest(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    del bad["world_facts"][0]
+    report = _run(bad, manifest)
+    f = _only(report, "world_facts", "expect_table_row_count_to_equal")
+    assert f["observed"] == manifest["world_facts"]["rows"] - 1
+    assert f["expected"] == {"value": manifest["world_facts"]["rows"]}
+    assert "expect_table_row_count_to_equal" in report.render()
+
+
+def test_forget_split_not_the_expected_fraction_of_authors(clean):
+    splits, _, _ = clean
+    bad = copy.deepcopy(splits)
+    bad[FORGET].append(copy.deepcopy(bad[RETAIN][0]))  # a second author in forget10 of 10 authors
+    report = _run(bad, None)  # no manifest: the fraction rule alone must catch it
+    f = _only(report, FORGET, "expect_column_unique_value_count_to_be_between", "author_id")
+    assert f["observed"] == 2 and f["expected"] == {"min_value": 1, "max_value": 1}
+    assert "n_forget_authors(10, 10)" in f["message"]
+
+
+def test_perturbed_row_with_four_answers(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    row = bad[f"{FORGET}_perturbed"][2]
+    row["perturbed_answer"] = row["perturbed_answer"][:4]
+    report = _run(bad, manifest)
+    f = _only(report, f"{FORGET}_perturbed", "expect_column_values_to_be_between", "n_perturbed")
+    assert f["rows"] == [row["id"]] and f["expected"] == {"min_value": 5, "max_value": 5}
+
+
+def test_whitespace_only_question(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    row = bad["full"][5]
+    row["question"] = "  \t "
+    report = _run(bad, manifest)
+    f = _only(report, "full", "expect_column_values_to_be_between", "question_len_stripped")
+    assert f["rows"] == [row["id"]]
+    assert "question_len_stripped" in report.render() and row["id"] in report.render()
+
+
+def test_over_long_answer_and_bound_override(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    row = bad["real_authors"][1]
+    row["answer"] = "x" * 2001
+    report = _run(bad, manifest)
+    f = _only(report, "real_authors", "expect_column_values_to_be_between", "answer_len")
+    assert f["rows"] == [row["id"]] and f["expected"] == {"min_value": 1, "max_value": 2000}
+    # the bound is a keyword override: a tight one flags the normal answers too
+    tight = _run(splits, manifest, max_answer_chars=5)
+    g = _only(tight, "full", "expect_column_values_to_be_between", "answer_len")
+    assert g["count"] == 200 and len(g["rows"]) == 20
+    assert "(first 20)" in tight.render()
+
+
+def _write_raw(out: Path, name: str, rows: list, manifest: dict) -> None:
+    """Write a split file directly (bypassing write_splits' checks) and keep the manifest in step with it."""
+    data = dumps_rows(rows)
+    (out / f"{name}.json").write_bytes(data)
+    manifest[name]["rows"] = len(rows)
+    manifest[name]["sha256"] = hashlib.sha256(data).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.fixture
+def bad_on_disk(clean, tmp_path):
+    """A copy of the written splits whose retain90.json holds a duplicated id (manifest adjusted to match)."""
+    splits, manifest, _ = clean
+    out = tmp_path / "splits"
+    write_splits(splits, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = copy.deepcopy(splits[RETAIN])
+    rows.append(copy.deepcopy(rows[7]))
+    _write_raw(out, RETAIN, rows, manifest)
+    return out, rows[7]["id"]
+
+
+def test_run_validation_on_bad_file(bad_on_disk, tmp_path):
+    out, dup = bad_on_disk
+    p = _params(tmp_path, out)
+    report = run_validation(p)
+    assert not report.success
+    f = _only(report, RETAIN, "expect_column_values_to_be_unique", "id")
+    assert f["rows"] == [dup, dup]
+    saved = json.loads((tmp_path / "reports" / "validation" / "result.json").read_text())
+    assert saved["success"] is False and saved == report.to_dict()
+
+
+def test_run_validation_file_changed_after_writing(clean, tmp_path):
+    splits, _, _ = clean
+    out = tmp_path / "splits"
+    write_splits(splits, out)
+    (out / "world_facts.json").write_bytes(dumps_rows(splits["world_facts"][:-1]))  # manifest not updated
+    report = run_validation(_params(tmp_path, out))
+    f = _only(report, "world_facts", "file_matches_manifest_sha256")
+    assert "world_facts.json" in f["message"]
+
+
+def test_stage_passes_then_raises_and_writes_result(clean, bad_on_disk, tmp_path):
+    from unlearn import stages
+
+    _, _, good_out = clean
+    ok = stages.validate(_params(tmp_path / "good", good_out))
+    assert ok["success"] is True and ok["n_failures"] == 0
+    assert json.loads((tmp_path / "good" / "reports" / "validation" / "result.json").read_text())["success"] is True
+
+    out, dup = bad_on_disk
+    p = _params(tmp_path, out)
+    with pytest.raises(ValidationFailed) as exc:
+        stages.validate(p)
+    assert isinstance(exc.value, ValueError)
+    assert str(exc.value) == exc.value.report.render()
+    assert "expect_column_values_to_be_unique" in str(exc.value) and dup in str(exc.value)
+    assert json.loads((tmp_path / "reports" / "validation" / "result.json").read_text())["success"] is False
+
+
+def test_cli_exit_code_and_report(bad_on_disk, tmp_path):
+    from typer.testing import CliRunner
+
+    from unlearn.cli import app
+
+    out, dup = bad_on_disk
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"reports_dir": str(tmp_path / "reports"), "data": {"out_dir": str(out), "forget_split": FORGET}}))
+    result = CliRunner().invoke(app, ["validate", "--params", str(params)])
+    assert result.exit_code == 2, result.output
+    assert "FAILED" in result.output and "expect_column_values_to_be_unique" in result.output and dup in result.output
+    assert (tmp_path / "reports" / "validation" / "result.json").is_file()
