@@ -221,6 +221,41 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
 
 @app.command()
 @friendly_errors
+def register(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    model: Annotated[Optional[Path], typer.Option(help="unlearned model directory (default <model.out_dir>/unlearned)")] = None,
+    request_id: Annotated[
+        Optional[list[str]], typer.Option("--request-id", help="deletion request id this model serves (repeatable)")
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="exit with code 1 when the gate fails (default: 0, the decision "
+                                              "file records it)")] = False,
+) -> None:
+    """Gate the unlearned model (gate.min_forget_quality, gate.min_utility_ratio x the target's utility), log the
+    run to MLflow (params, per-step losses, metrics, eval report, model) and, if it passed, register it under
+    tracking.registered_model as champion (at least as good as the current champion of the same forget set on
+    forget quality and utility) or challenger. Writes reports/register/decision.json."""
+    _setup()
+    from . import stages, tracking
+
+    p = _params(params, set_)
+    d = stages.register(p, model, request_id)
+    rows = [("gate", "passed" if d["passed"] else "failed")] + [("reason", r) for r in d["reasons"]]
+    rows += [("run_id", d["run_id"]), ("registered_model", d["registered_model"] if d["passed"] else None),
+             ("version", d["version"]), ("alias", ", ".join(d["aliases"]) if d["aliases"] else None)]
+    if d.get("displaced_version"):
+        rows.append(("previous champion", d["displaced_version"]))
+    _print_table("registration", rows)
+    uri = tracking.tracking_config(p).uri
+    if uri == f"sqlite:///{Path.cwd().absolute() / 'mlflow.db'}":
+        uri = "sqlite:///mlflow.db"
+    typer.echo(f"\nbrowse runs and models: mlflow ui --backend-store-uri {uri}  (from the project root)")
+    if strict and not d["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
 def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages

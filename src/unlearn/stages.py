@@ -393,3 +393,37 @@ def validate(p: Params) -> dict[str, Any]:
     if not report.success:
         raise ValidationFailed(report)
     return report.to_dict()
+
+
+# --------------------------------------------------------------------------- tracking + gated registration
+def register(p: Params, model_path: str | Path | None = None, request_ids=None) -> dict[str, Any]:
+    """Gate the unlearned model on its evaluation, log it to MLflow and register it if it passed.
+
+    Reads ``reports/eval/unlearned/metrics.json``, ``reports/eval/target/metrics.json`` and
+    ``reports/forget/loss.json`` (optional); writes ``reports/register/decision.json``
+    (passed, reasons, version, alias, run_id, ...) and returns it. See :mod:`unlearn.tracking`.
+    """
+    from . import tracking
+
+    rdir = reports_dir(p)
+    model_path = Path(model_path) if model_path else model_dir(p, "unlearned")
+    eval_dir = rdir / "eval" / "unlearned"
+    need = {
+        "unlearned-model metrics": (eval_dir / "metrics.json", "unlearn eval models/unlearned --name unlearned"),
+        "target-model metrics": (rdir / "eval" / "target" / "metrics.json", "unlearn eval models/target --name target"),
+    }
+    for what, (path, cmd) in need.items():
+        if not path.exists():
+            raise FileNotFoundError(f"no {what} at {path}: run `{cmd}` (or `dvc repro`) first")
+    if not model_path.is_dir():
+        raise FileNotFoundError(f"no model directory at {model_path}: run `unlearn forget` first")
+    loss_path = rdir / "forget" / "loss.json"
+    reg = tracking.register_if_passing(
+        p, model_dir=model_path, metrics=read_json(eval_dir / "metrics.json"),
+        target_metrics=read_json(rdir / "eval" / "target" / "metrics.json"),
+        loss_log=read_json(loss_path) if loss_path.exists() else [], report_dir=eval_dir,
+        data_hashes=tracking.data_hashes(p), git_commit=tracking.git_commit(), request_ids=request_ids,
+    )
+    decision = reg.as_dict()
+    write_json(rdir / "register" / "decision.json", decision)
+    return decision

@@ -1,0 +1,560 @@
+"""Experiment tracking (MLflow) and gated model registration.
+
+Where things go
+---------------
+By default tracking is an embedded local store with no server: the backend is
+``sqlite:///<project>/mlflow.db`` and artifacts go under ``<project>/mlartifacts``
+(set as the experiment's ``artifact_location`` when the experiment is created;
+otherwise MLflow would write to ``./mlruns``). ``<project>`` is the current
+directory (``dvc repro`` and ``unlearn`` run from the repository root).
+Precedence for the tracking URI: ``MLFLOW_TRACKING_URI`` in the environment,
+then ``tracking.uri`` in ``params.yaml``, then the SQLite default.
+``params.yaml``::
+
+    tracking:
+      uri: null                      # null -> sqlite:///<project>/mlflow.db
+      experiment: dipo-unlearn
+      registered_model: unlearned-tofu
+      artifact_location: null        # null -> <project>/mlartifacts (new experiments only)
+    gate:
+      min_forget_quality: 0.05
+      min_utility_ratio: 0.9         # unlearned model_utility >= ratio * target model_utility
+
+Browse with ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` from the project root.
+
+How the model is stored
+-----------------------
+The saved Hugging Face directory (config, safetensors, tokenizer) is logged
+**as plain run artifacts** under ``model/``, and the registered version's
+source is ``runs:/<run_id>/model``. We do not use ``mlflow.transformers.log_model``:
+it infers and validates a pip environment, builds a pipeline and copies the weights
+again, which is slow on CPU and fragile offline, and it adds nothing here because
+consumers load the directory with ``from_pretrained`` anyway::
+
+    path = mlflow.artifacts.download_artifacts("models:/unlearned-tofu@champion")
+    model = AutoModelForCausalLM.from_pretrained(path)
+
+The gate and the champion rule
+------------------------------
+A model passes the gate iff ``forget_quality >= gate.min_forget_quality`` and
+``model_utility >= gate.min_utility_ratio * target model_utility``. A missing
+(None) metric fails, with the reason. A failing model is still logged as a run
+(tags ``gate=failed`` and ``gate_reasons``) and is never registered.
+
+A passing model becomes a new version of ``tracking.registered_model``. Models are
+compared only with models unlearned from the *same forget set*: the
+``forget_set_hash`` version tag (the sha256 of the forget split's file, from
+``<data.out_dir>/manifest.json``). The new version is **at least as good** as the
+current champion of its forget set iff its ``forget_quality >= champion's`` AND its
+``model_utility >= champion's`` (ties go to the newer model). Then it takes the
+champion alias and the old champion loses it; otherwise it gets the challenger
+alias. With no champion for that forget set yet, it becomes champion.
+
+MLflow aliases are unique per registered model, not per forget set, so:
+
+* ``champion-<hash8>`` / ``challenger-<hash8>`` (``hash8`` = first 8 hex digits of
+  ``forget_set_hash``) are the per-forget-set aliases, and the comparison uses them.
+  A model for another forget set never touches them.
+* ``champion`` / ``challenger`` (no suffix) follow the *default* forget set: the one
+  named by the registered-model tag ``default_forget_set_hash``, which is set by
+  the first registration. To move the default, change that tag (UI, or
+  ``client.set_registered_model_tag``). The next registration on the new default
+  set moves the unsuffixed aliases.
+
+Registration is not locked: two registrations on the same store at the same time
+can interleave the alias moves. The pipeline runs them one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .config import Params
+from .io import read_json, stable_hash
+
+log = logging.getLogger("unlearn.tracking")
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+DEFAULT_EXPERIMENT = "dipo-unlearn"
+DEFAULT_REGISTERED_MODEL = "unlearned-tofu"
+DEFAULT_GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_ARTIFACT_PATH = "model"
+REPORT_ARTIFACT_PATH = "eval"
+LOSS_PREFIX = "train/"
+TARGET_PREFIX = "target."
+_NOT_LOSSES = {"step", "epoch"}
+_MAX_PARAM_VALUE = 6000  # MLflow 3 limit on a param value (characters)
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class TrackingCfg:
+    uri: str
+    experiment: str
+    registered_model: str
+    artifact_location: str
+
+
+def tracking_config(p: Params, project_dir: str | Path | None = None) -> TrackingCfg:
+    """The ``tracking:`` section of ``params.yaml`` with defaults filled in; ``MLFLOW_TRACKING_URI`` wins."""
+    t = dict(p.extra.get("tracking") or {})
+    unknown = set(t) - {"uri", "experiment", "registered_model", "artifact_location"}
+    if unknown:
+        from .config import ConfigError
+
+        raise ConfigError(f"tracking: unknown key(s) {sorted(unknown)} (expected uri, experiment, "
+                          "registered_model, artifact_location)")
+    project = Path(project_dir or Path.cwd()).absolute()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or t.get("uri") or f"sqlite:///{project / 'mlflow.db'}"
+    art = str(t.get("artifact_location") or project / "mlartifacts")
+    if "://" not in art:
+        art = str((project / art).absolute())
+    return TrackingCfg(
+        uri=str(uri),
+        experiment=str(t.get("experiment") or DEFAULT_EXPERIMENT),
+        registered_model=str(t.get("registered_model") or DEFAULT_REGISTERED_MODEL),
+        artifact_location=str(art),
+    )
+
+
+def gate_config(p: Params) -> dict[str, float]:
+    """The ``gate:`` section of ``params.yaml`` with defaults (min_forget_quality 0.05, min_utility_ratio 0.9)."""
+    g = dict(p.extra.get("gate") or {})
+    unknown = set(g) - set(DEFAULT_GATE)
+    if unknown:
+        from .config import ConfigError
+
+        raise ConfigError(f"gate: unknown key(s) {sorted(unknown)} (expected {sorted(DEFAULT_GATE)})")
+    out = dict(DEFAULT_GATE)
+    for k, v in g.items():
+        if v is not None:
+            out[k] = float(v)
+    return out
+
+
+def client_for(cfg: TrackingCfg):
+    """An ``MlflowClient`` on the configured store (the model registry lives in the same store)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=cfg.uri, registry_uri=cfg.uri)
+
+
+def ensure_experiment(client, name: str, artifact_location: str) -> str:
+    """Experiment id of ``name``, created with ``artifact_location`` if new (restored if deleted)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        if "://" not in artifact_location:
+            Path(artifact_location).mkdir(parents=True, exist_ok=True)
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # created concurrently
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- provenance helpers
+def git_commit(cwd: str | Path | None = None) -> str:
+    """``git rev-parse HEAD`` (+ ``+dirty`` if the work tree has changes); ``unknown`` outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    try:
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        dirty = ""
+    return head + ("+dirty" if dirty else "")
+
+
+def dvc_data_hash(lock_path: str | Path = "dvc.lock", out_path: str = "data/tofu", stage: str = "prepare") -> str | None:
+    """md5 DVC recorded for ``out_path`` in ``stage`` of ``dvc.lock`` (``None`` if absent)."""
+    lock_path = Path(lock_path)
+    if not lock_path.exists():
+        return None
+    try:
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+    except yaml.YAMLError:
+        log.warning("%s is not valid YAML; no DVC data hash recorded", lock_path)
+        return None
+    want = os.path.normpath(out_path)
+    for out in ((lock.get("stages") or {}).get(stage) or {}).get("outs") or []:
+        if isinstance(out, dict) and os.path.normpath(str(out.get("path", ""))) == want:
+            return out.get("md5") or out.get("hash")
+    return None
+
+
+def data_hashes(p: Params, lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """sha256 of the forget and retain split files (from the manifest) + the DVC md5 of the data dir if locked.
+
+    Keys: ``forget_sha256``, ``retain_sha256``, and ``dvc_md5`` when ``dvc.lock`` has it.
+    """
+    manifest_path = Path(p.data.out_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"no {manifest_path}: run `unlearn prepare` (or `dvc repro prepare`) first")
+    manifest = read_json(manifest_path)
+    out = {}
+    for key, split in (("forget_sha256", p.data.forget_split), ("retain_sha256", p.data.retain_split)):
+        if split not in manifest:
+            raise FileNotFoundError(f"{manifest_path} has no split {split!r}")
+        out[key] = manifest[split]["sha256"]
+    md5 = dvc_data_hash(lock_path, p.data.out_dir)
+    if md5:
+        out["dvc_md5"] = md5
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and scalars are leaves."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def flat_params(p: Params) -> dict[str, Any]:
+    """Every parameter of ``params.yaml`` (typed sections + extra sections), flattened to dotted keys."""
+    d = p.model_dump()
+    extra = d.pop("extra", {}) or {}
+    return flatten({**d, **extra})
+
+
+def params_hash(flat: Mapping[str, Any]) -> str:
+    return stable_hash({k: flat[k] for k in sorted(flat)})
+
+
+def _as_float(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _split_request_ids(request_ids: str | Iterable[str] | None) -> list[str]:
+    if request_ids is None:
+        return []
+    if isinstance(request_ids, str):
+        request_ids = request_ids.split(",")
+    return [str(r).strip() for r in request_ids if str(r).strip()]
+
+
+# --------------------------------------------------------------------------- the gate
+@dataclass
+class GateDecision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] | None,
+                  gate: Mapping[str, float] | None = None) -> GateDecision:
+    """Pass iff forget_quality >= min_forget_quality and model_utility >= min_utility_ratio * target's.
+
+    Every failed condition adds a reason; a None (or missing, or non-finite) metric fails with a reason.
+    """
+    g = {**DEFAULT_GATE, **{k: float(v) for k, v in (gate or {}).items() if v is not None}}
+    reasons = []
+    fq = _as_float(metrics.get("forget_quality"))
+    if fq is None:
+        reasons.append("forget_quality is missing (None): cannot check the forget-quality gate")
+    elif fq < g["min_forget_quality"]:
+        reasons.append(f"forget_quality {fq:.4g} < min_forget_quality {g['min_forget_quality']:.4g}")
+    mu = _as_float(metrics.get("model_utility"))
+    tmu = _as_float((target_metrics or {}).get("model_utility"))
+    if mu is None:
+        reasons.append("model_utility is missing (None): cannot check the utility gate")
+    if tmu is None:
+        reasons.append("target model_utility is missing (None): cannot check the utility ratio")
+    if mu is not None and tmu is not None:
+        need = g["min_utility_ratio"] * tmu
+        if mu < need:
+            ratio = mu / tmu if tmu else float("inf")
+            reasons.append(f"model_utility {mu:.4g} < {g['min_utility_ratio']:.4g} x target {tmu:.4g} = {need:.4g} "
+                           f"(ratio {ratio:.3f})")
+    return GateDecision(passed=not reasons, reasons=reasons)
+
+
+# --------------------------------------------------------------------------- logging a run
+def _tag_value(v: Any) -> str:
+    return v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
+
+
+def log_unlearning_run(
+    p: Params,
+    *,
+    model_dir: str | Path | None,
+    metrics: Mapping[str, Any],
+    target_metrics: Mapping[str, Any] | None,
+    loss_log: list[Mapping[str, Any]] | None,
+    report_dir: str | Path | None,
+    data_hashes: Mapping[str, str],
+    git_commit: str,
+    request_ids: str | Iterable[str] | None,
+    params_flat: Mapping[str, Any] | None = None,
+    decision: GateDecision | None = None,
+    notes: Mapping[str, str] | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    cfg: TrackingCfg | None = None,
+    client=None,
+) -> str:
+    """Log one unlearning run; return its run id.
+
+    Params: the flattened ``params.yaml`` (``params_flat``, default :func:`flat_params` of ``p``).
+    Metrics: every numeric evaluation metric (None ones are skipped, their reason in the tag
+    ``metric_skipped.<name>``, from ``notes`` or ``<report_dir>/notes.json``), the target's as
+    ``target.<name>``, ``utility_ratio``, and each per-step loss-log value as ``train/<name>`` with ``step=``.
+    Tags: see :func:`run_tags`. Artifacts: ``report_dir`` under ``eval/``, ``model_dir`` under ``model/``.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    cfg = cfg or tracking_config(p)
+    client = client or client_for(cfg)
+    exp_id = ensure_experiment(client, cfg.experiment, cfg.artifact_location)
+    flat = dict(params_flat) if params_flat is not None else flat_params(p)
+    tags = run_tags(p, data_hashes=data_hashes, git_commit=git_commit, request_ids=request_ids, flat=flat,
+                    model_dir=model_dir)
+    if decision is not None:
+        tags["gate"] = "passed" if decision.passed else "failed"
+        tags["gate_reasons"] = "; ".join(decision.reasons) if decision.reasons else "none"
+    tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
+
+    run = client.create_run(exp_id, run_name=f"{p.method.name}-{p.data.forget_split}", tags=tags)
+    run_id = run.info.run_id
+    try:
+        # params (MLflow: at most 100 per batch, values up to 6000 chars)
+        params = [Param(k, _tag_value(v)[:_MAX_PARAM_VALUE]) for k, v in sorted(flat.items())]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100], synchronous=True)
+
+        now = int(time.time() * 1000)
+        ms: list[Metric] = []
+        skipped: dict[str, str] = {}
+        if notes is None and report_dir is not None and (Path(report_dir) / "notes.json").exists():
+            notes = read_json(Path(report_dir) / "notes.json")
+        notes = notes or {}
+        for k, v in metrics.items():
+            f = _as_float(v)
+            if f is None:
+                skipped[k] = notes.get(k) or ("value is None" if v is None else f"not a finite number: {v!r}")
+            else:
+                ms.append(Metric(k, f, now, 0))
+        for k, v in (target_metrics or {}).items():
+            f = _as_float(v)
+            if f is not None:
+                ms.append(Metric(TARGET_PREFIX + k, f, now, 0))
+        mu, tmu = _as_float(metrics.get("model_utility")), _as_float((target_metrics or {}).get("model_utility"))
+        if mu is not None and tmu:
+            ms.append(Metric("utility_ratio", mu / tmu, now, 0))
+        for i, entry in enumerate(loss_log or []):
+            step = int(entry.get("step", i))
+            for k, v in entry.items():
+                f = _as_float(v)
+                if k not in _NOT_LOSSES and f is not None:
+                    ms.append(Metric(LOSS_PREFIX + k, f, now, step))
+        for i in range(0, len(ms), 1000):
+            client.log_batch(run_id, metrics=ms[i:i + 1000], synchronous=True)
+        if skipped:
+            st = [RunTag(f"metric_skipped.{k}", r[:5000]) for k, r in skipped.items()]
+            client.log_batch(run_id, tags=st, synchronous=True)
+
+        if report_dir is not None and Path(report_dir).is_dir():
+            client.log_artifacts(run_id, str(report_dir), REPORT_ARTIFACT_PATH)
+        if model_dir is not None and Path(model_dir).is_dir():
+            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    log.info("logged run %s in experiment %s (%s)", run_id, cfg.experiment, cfg.uri)
+    return run_id
+
+
+def run_tags(p: Params, *, data_hashes: Mapping[str, str], git_commit: str, request_ids, flat: Mapping[str, Any],
+             model_dir: str | Path | None = None) -> dict[str, str]:
+    """Provenance tags shared by the run and the model version."""
+    ids = _split_request_ids(request_ids)
+    forget_hash = data_hashes.get("forget_sha256") or stable_hash({"forget_split": p.data.forget_split})
+    tags = {
+        "git_commit": git_commit,
+        "mlflow.source.git.commit": git_commit.removesuffix("+dirty"),
+        "forget_split": p.data.forget_split,
+        "retain_split": p.data.retain_split,
+        "forget_set_hash": forget_hash,
+        "method": p.method.name,
+        "params_hash": params_hash(flat),
+        "request_ids": ",".join(ids),
+    }
+    for k, v in data_hashes.items():
+        tags[f"data.{k}"] = str(v)
+    if model_dir is not None:
+        try:
+            from .models.build import weights_hash
+
+            tags["model_weights_sha256"] = weights_hash(model_dir)
+        except (FileNotFoundError, OSError):
+            pass
+    return tags
+
+
+# --------------------------------------------------------------------------- registration
+@dataclass
+class Registration:
+    passed: bool
+    reasons: list[str]
+    run_id: str
+    version: str | None = None
+    alias: str | None = None              # champion | challenger | None (not registered)
+    aliases: list[str] = field(default_factory=list)
+    registered_model: str | None = None
+    forget_set_hash: str | None = None
+    displaced_version: str | None = None  # previous champion of this forget set, if it lost the alias
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def alias_names(forget_set_hash: str) -> tuple[str, str]:
+    """Per-forget-set aliases: ``champion-<hash8>``, ``challenger-<hash8>``."""
+    h = forget_set_hash[:8]
+    return f"{CHAMPION}-{h}", f"{CHALLENGER}-{h}"
+
+
+def _version_by_alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any]) -> bool:
+    """The champion rule: forget_quality >= champion's AND model_utility >= champion's (a missing champion value loses)."""
+    for k in ("forget_quality", "model_utility"):
+        a, b = _as_float(new.get(k)), _as_float(champion.get(k))
+        if a is None:
+            return False
+        if b is not None and a < b:
+            return False
+    return True
+
+
+def _ensure_registered_model(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        try:
+            return client.create_registered_model(
+                name, description="Unlearned TOFU models that passed the forget-quality/utility gate "
+                                  "(aliases: champion/challenger, per forget set: champion-<hash8>).")
+        except MlflowException:  # created concurrently
+            return client.get_registered_model(name)
+
+
+def register_version(client, name: str, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, Any]) -> Registration:
+    """Create a version from ``runs:/<run_id>/model`` and assign champion/challenger aliases (module docstring)."""
+    rm = _ensure_registered_model(client, name)
+    fhash = tags["forget_set_hash"]
+    vtags = dict(tags)
+    vtags["run_id"] = run_id
+    for k in ("forget_quality", "model_utility"):
+        vtags[k] = _tag_value(_as_float(metrics.get(k)))
+    mv = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=vtags)
+    version = str(mv.version)
+
+    champ_alias, chall_alias = alias_names(fhash)
+    current = _version_by_alias(client, name, champ_alias)
+    if current is not None and current.tags.get("forget_set_hash") != fhash:
+        # an 8-hex-digit prefix collision: fall back to the full-hash tag
+        log.warning("alias %s points at version %s of another forget set; ignoring it", champ_alias, current.version)
+        current = None
+    if current is None or at_least_as_good(vtags, current.tags):
+        role, alias = CHAMPION, champ_alias
+        displaced = str(current.version) if current is not None else None
+    else:
+        role, alias, displaced = CHALLENGER, chall_alias, None
+    client.set_registered_model_alias(name, alias, version)
+    if displaced:
+        client.set_model_version_tag(name, displaced, "displaced_by", version)
+    aliases = [alias]
+
+    default = (rm.tags or {}).get("default_forget_set_hash")
+    if default is None:
+        client.set_registered_model_tag(name, "default_forget_set_hash", fhash)
+        default = fhash
+    if default == fhash:
+        client.set_registered_model_alias(name, role, version)
+        aliases.append(role)
+    client.set_model_version_tag(name, version, "role", role)
+    log.info("registered %s version %s as %s (forget set %s)", name, version, ", ".join(aliases), fhash[:8])
+    return Registration(passed=True, reasons=[], run_id=run_id, version=version, alias=role, aliases=aliases,
+                        registered_model=name, forget_set_hash=fhash, displaced_version=displaced)
+
+
+def register_if_passing(
+    p: Params,
+    *,
+    model_dir: str | Path,
+    metrics: Mapping[str, Any],
+    target_metrics: Mapping[str, Any] | None,
+    loss_log: list[Mapping[str, Any]] | None,
+    report_dir: str | Path | None,
+    data_hashes: Mapping[str, str],
+    git_commit: str,
+    request_ids: str | Iterable[str] | None = None,
+    params_flat: Mapping[str, Any] | None = None,
+    gate: Mapping[str, float] | None = None,
+    cfg: TrackingCfg | None = None,
+    client=None,
+) -> Registration:
+    """Gate, log the run (always), and register the model only if it passed."""
+    cfg = cfg or tracking_config(p)
+    client = client or client_for(cfg)
+    decision = gate_decision(metrics, target_metrics, gate if gate is not None else gate_config(p))
+    run_id = log_unlearning_run(
+        p, model_dir=model_dir, metrics=metrics, target_metrics=target_metrics, loss_log=loss_log,
+        report_dir=report_dir, data_hashes=data_hashes, git_commit=git_commit, request_ids=request_ids,
+        params_flat=params_flat, decision=decision, cfg=cfg, client=client,
+    )
+    tags = client.get_run(run_id).data.tags
+    fhash = tags["forget_set_hash"]
+    if not decision.passed:
+        log.warning("gate failed, not registering: %s", "; ".join(decision.reasons))
+        return Registration(passed=False, reasons=decision.reasons, run_id=run_id, registered_model=cfg.registered_model,
+                            forget_set_hash=fhash)
+    keep = ("git_commit", "forget_split", "retain_split", "forget_set_hash", "method", "params_hash", "request_ids",
+            "model_weights_sha256")
+    vtags = {k: tags[k] for k in keep if k in tags}
+    vtags.update({k: v for k, v in tags.items() if k.startswith("data.")})
+    reg = register_version(client, cfg.registered_model, run_id, vtags, metrics)
+    client.set_tag(run_id, "registered_version", reg.version)
+    client.set_tag(run_id, "registered_alias", reg.alias)
+    return reg
