@@ -1,57 +1,96 @@
-"""End to end on the built-in default: synthetic data -> target/retain models -> DiPO -> TOFU evaluation.
+"""End to end on the built-in default, exactly as a user runs it: `dvc repro` in a fresh copy of the project.
 
-Slow (a few minutes on 2 cores): the models are really trained, with the
-project's own params.yaml, in a temporary working directory.
+synthetic data -> GX validation -> target/retain models -> reference cache -> DiPO -> TOFU evaluation
+-> gated MLflow registration. Then: a second `dvc repro` runs nothing, changing only an unlearning
+parameter re-runs only forget/eval_unlearned/register, and `dvc push`/`dvc pull` work offline.
+Slow (a few minutes on 2 cores): the models are really trained, with the project's own params.yaml.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from unlearn import stages
-from unlearn.config import load_params
 from unlearn.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the project's default: sqlite store inside the copy
+    env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1800)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def copy_project(dst: Path) -> Path:
+    """The project's files as a fresh clone would have them (tracked + new, not ignored), in a new git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split("\n")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "copy"]):
+        sh(cmd, dst)
+    return dst
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("e2e")
-    old = os.getcwd()
-    os.chdir(work)
-    try:
-        p = load_params(ROOT / "params.yaml")
-        stages.prepare(p)
-        target = stages.finetune(p, "target")
-        retain = stages.finetune(p, "retain")
-        unlearned = stages.forget(p)
-        ev = {name: stages.evaluate(p, stages.model_dir(p, name), name) for name in ("retain", "target", "unlearned")}
-        yield {"p": p, "work": work, "target": target, "retain": retain, "unlearned": unlearned, "eval": ev}
-    finally:
-        os.chdir(old)
+def repo(tmp_path_factory):
+    work = copy_project(tmp_path_factory.mktemp("project"))
+    res = sh(["dvc", "repro"], work)
+    return {"dir": work, "first": res.stdout + res.stderr}
 
 
-def test_target_memorises_and_retain_model_does_not(run):
-    assert run["target"]["forget_prob"] > 0.85, run["target"]
-    assert run["retain"]["forget_prob"] < 0.25, run["retain"]
-    assert run["retain"]["retain_prob"] > 0.8, run["retain"]
+def _metrics(repo, name):
+    return read_json(repo["dir"] / "reports" / "eval" / name / "metrics.json")
 
 
-def test_dipo_forgets_and_keeps_the_retain_set(run):
-    t, u = run["target"], run["unlearned"]
+def test_pipeline_ran_every_stage(repo):
+    for stage in ("prepare", "validate", "tokenizer", "finetune_target", "finetune_retain", "cache", "forget",
+                  "eval_retain", "eval_target", "eval_unlearned", "register"):
+        assert f"Running stage '{stage}'" in repo["first"], stage
+    assert read_json(repo["dir"] / "reports" / "validation" / "result.json")["success"] is True
+
+
+def test_target_memorises_and_retain_model_does_not(repo):
+    t = read_json(repo["dir"] / "reports" / "finetune" / "target.json")
+    r = read_json(repo["dir"] / "reports" / "finetune" / "retain.json")
+    assert t["forget_prob"] > 0.85, t
+    assert r["forget_prob"] < 0.25, r
+    assert r["retain_prob"] > 0.8, r
+
+
+def test_dipo_forgets_and_keeps_the_retain_set(repo):
+    t = read_json(repo["dir"] / "reports" / "finetune" / "target.json")
+    u = read_json(repo["dir"] / "reports" / "forget" / "summary.json")
+    assert u["method"] == "dipo"
     assert u["forget_prob"] < 0.1 * t["forget_prob"], (t, u)
     assert u["retain_prob"] > 0.85 * t["retain_prob"], (t, u)
-    log = read_json(run["work"] / "reports" / "forget" / "loss.json")
+    log = read_json(repo["dir"] / "reports" / "forget" / "loss.json")
     assert len(log) == u["steps"] and all("forget_loss" in e for e in log)
 
 
-def test_forget_quality_orders_the_three_models(run):
-    m = {k: v.metrics for k, v in run["eval"].items()}
+def test_forget_quality_orders_the_three_models(repo):
+    m = {n: _metrics(repo, n) for n in ("retain", "target", "unlearned")}
     assert m["retain"]["forget_quality"] == pytest.approx(1.0)
     assert m["target"]["forget_quality"] < 1e-3
     assert m["target"]["forget_prob"] > 0.85 and m["target"]["forget_rouge"] > 0.8
@@ -60,13 +99,53 @@ def test_forget_quality_orders_the_three_models(run):
         assert 0 < m[name]["model_utility"] <= 1
 
 
-def test_reports_and_reference_are_written(run):
-    rep = run["work"] / "reports" / "eval"
+def test_reports_are_written(repo):
+    rep = repo["dir"] / "reports" / "eval"
     for name in ("retain", "target", "unlearned"):
         for f in ("metrics.json", "per_example.jsonl", "report.md", "report.html", "truth_ratio_hist.png"):
             assert (rep / name / f).stat().st_size > 0, (name, f)
     assert list((rep / "retain" / "reference").glob("*.json"))
     points = read_json(rep / "tradeoff.json")
     assert {pt["model"].split(" ")[0] for pt in points} == {"target", "retain", "unlearned"}
-    html = (rep / "unlearned" / "report.html").read_text()
-    assert "Forget quality" in html or "forget_quality" in html
+
+
+def test_model_is_registered_with_its_lineage(repo):
+    decision = read_json(repo["dir"] / "reports" / "register" / "decision.json")
+    assert decision["passed"] is True, decision
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo['dir'] / 'mlflow.db'}")
+    mv = client.get_model_version_by_alias("unlearned-tofu", "champion")
+    assert str(mv.version) == str(decision["version"])
+    manifest = read_json(repo["dir"] / "data" / "tofu" / "manifest.json")
+    assert mv.tags["data.forget_sha256"] == manifest["forget10"]["sha256"]
+    assert mv.tags["method"] == "dipo" and mv.tags["git_commit"] not in ("", "unknown")
+
+
+def test_second_repro_runs_nothing(repo):
+    out = sh(["dvc", "repro"], repo["dir"])
+    text = out.stdout + out.stderr
+    assert "Running stage" not in text, text
+    status = sh(["dvc", "status"], repo["dir"]).stdout
+    assert "up to date" in status, status
+
+
+def test_dvc_push_and_pull_with_the_local_remote(repo):
+    d = repo["dir"]
+    sh(["dvc", "push"], d)
+    assert any((d / "dvc_remote").rglob("*")), "nothing pushed to the local remote"
+    shutil.rmtree(d / "models" / "target")
+    sh(["dvc", "pull", "finetune_target"], d)
+    assert (d / "models" / "target" / "model.safetensors").exists()
+    assert "up to date" in sh(["dvc", "status"], d).stdout
+
+
+def test_unlearning_param_change_reruns_only_downstream_stages(repo):
+    """`dvc exp run -S method.name=npo`: a baseline comparison re-runs only forget, eval_unlearned, register."""
+    out = sh(["dvc", "exp", "run", "-S", "method.name=npo"], repo["dir"])
+    text = out.stdout + out.stderr
+    ran = {line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")}
+    assert ran == {"forget", "eval_unlearned", "register"}, text
+    assert read_json(repo["dir"] / "reports" / "forget" / "summary.json")["method"] == "npo"
+    shown = sh(["dvc", "exp", "show", "--json"], repo["dir"]).stdout
+    assert "npo" in shown

@@ -30,12 +30,14 @@ class DataCfg(_Strict):
     out_dir: str = "data/tofu"
     local_dir: str = "../shared/data/tofu"
     hub_id: str = "locuslab/TOFU"
-    forget_split: Literal["forget01", "forget05", "forget10"] = "forget10"
+    forget_split: Literal["forget01", "forget05", "forget10", "forget_requests"] = "forget10"
     synthetic: SyntheticCfg = SyntheticCfg()
 
     @property
     def retain_split(self) -> str:
-        """TOFU convention: retainXX is the complement of forget(100-XX)."""
+        """TOFU convention: retainXX is the complement of forget(100-XX); request splits pair up by name."""
+        if self.forget_split == "forget_requests":
+            return "retain_requests"
         return "retain" + str(100 - int(self.forget_split[-2:]))
 
 

@@ -49,12 +49,22 @@ def prepare(p: Params) -> Path:
 
 
 def read_splits(p: Params, names: list[str] | None = None) -> dict[str, list[dict]]:
+    """Validated splits from ``data.out_dir``: prepared TOFU splits, or the splits built from deletion requests."""
     from .data.splits import read_split
 
     out = Path(p.data.out_dir)
     if not (out / "manifest.json").exists():
         raise FileNotFoundError(f"no splits in {out}: run `unlearn prepare` (or `dvc repro prepare`) first")
-    names = names or [n for n in read_json(out / "manifest.json") if n != "idk"]
+    manifest = read_json(out / "manifest.json")
+    if "splits" in manifest:  # written by unlearn.requests.forget_set.write_request_splits
+        from .requests.forget_set import read_request_splits
+
+        splits, _ = read_request_splits(out)
+        missing = [n for n in names or [] if n not in splits]
+        if missing:
+            raise FileNotFoundError(f"{out} has no split(s) {', '.join(missing)} (request splits: {', '.join(splits)})")
+        return {n: splits[n] for n in (names or list(splits))}
+    names = names or [n for n in manifest if n != "idk"]
     return {n: read_split(out, n) for n in names}
 
 
@@ -192,9 +202,12 @@ def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
 
 def _forget_inputs(p: Params):
     from .data.splits import read_idk
+    from .data.synthetic import IDK_RESPONSES
 
     splits = read_splits(p, [p.data.forget_split, p.data.retain_split])
-    return splits[p.data.forget_split], splits[p.data.retain_split], read_idk(Path(p.data.out_dir))
+    idk_file = Path(p.data.out_dir) / "idk.json"
+    refusals = read_idk(Path(p.data.out_dir)) if idk_file.exists() else list(IDK_RESPONSES)
+    return splits[p.data.forget_split], splits[p.data.retain_split], refusals
 
 
 def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bool | None = None):

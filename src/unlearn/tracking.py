@@ -207,17 +207,26 @@ def dvc_data_hash(lock_path: str | Path = "dvc.lock", out_path: str = "data/tofu
 def data_hashes(p: Params, lock_path: str | Path = "dvc.lock") -> dict[str, str]:
     """sha256 of the forget and retain split files (from the manifest) + the DVC md5 of the data dir if locked.
 
-    Keys: ``forget_sha256``, ``retain_sha256``, and ``dvc_md5`` when ``dvc.lock`` has it.
+    Keys: ``forget_sha256``, ``retain_sha256``, ``forget_set_hash`` (sha256 of the forget
+    split's sorted row ids: the forget set's identity, shared with the deletion-request
+    ledger), and ``dvc_md5`` when ``dvc.lock`` has it. Reads both the prepared-data
+    manifest (flat) and the request-splits manifest (``{"splits": {...}}``).
     """
+    from .requests.forget_set import forget_set_hash
+
     manifest_path = Path(p.data.out_dir) / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"no {manifest_path}: run `unlearn prepare` (or `dvc repro prepare`) first")
     manifest = read_json(manifest_path)
+    manifest = manifest.get("splits", manifest)
     out = {}
     for key, split in (("forget_sha256", p.data.forget_split), ("retain_sha256", p.data.retain_split)):
         if split not in manifest:
             raise FileNotFoundError(f"{manifest_path} has no split {split!r}")
         out[key] = manifest[split]["sha256"]
+    forget_file = Path(p.data.out_dir) / f"{p.data.forget_split}.json"
+    if forget_file.exists():
+        out["forget_set_hash"] = forget_set_hash(read_json(forget_file))
     md5 = dvc_data_hash(lock_path, p.data.out_dir)
     if md5:
         out["dvc_md5"] = md5
@@ -399,7 +408,8 @@ def run_tags(p: Params, *, data_hashes: Mapping[str, str], git_commit: str, requ
              model_dir: str | Path | None = None) -> dict[str, str]:
     """Provenance tags shared by the run and the model version."""
     ids = _split_request_ids(request_ids)
-    forget_hash = data_hashes.get("forget_sha256") or stable_hash({"forget_split": p.data.forget_split})
+    forget_hash = (data_hashes.get("forget_set_hash") or data_hashes.get("forget_sha256")
+                   or stable_hash({"forget_split": p.data.forget_split}))
     tags = {
         "git_commit": git_commit,
         "mlflow.source.git.commit": git_commit.removesuffix("+dirty"),

@@ -1,0 +1,217 @@
+"""Prefect orchestration: the ``unlearn`` flow and its deployments.
+
+The tasks are thin wrappers over :mod:`unlearn.stages`, the same functions
+``dvc repro`` runs, so no stage logic lives here. Expensive tasks are cached by
+Prefect on a hash of their inputs (parameters + content hashes of the data and
+models they read), so a repeated run reuses the trained models and caches.
+
+Run in-process (no server needed; Prefect starts a temporary one)::
+
+    python flows/unlearn.py run --benchmark tofu --method dipo
+    python flows/unlearn.py run --benchmark requests
+
+Serve the deployments ``unlearn/tofu``, ``unlearn/muse`` and ``unlearn/requests``::
+
+    python flows/unlearn.py serve      # then: prefect deployment run unlearn/tofu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+
+from unlearn import stages  # noqa: E402
+from unlearn.config import Params, load_params  # noqa: E402
+from unlearn.io import read_json, stable_hash  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- cache keys
+def _fingerprint(path: Path) -> str:
+    """Content identity of a stage input: a model's weights hash, a data dir's manifest, a file's sha256."""
+    from unlearn.io import sha256_file
+    from unlearn.models.build import weights_hash
+
+    if path.is_dir() and (path / "manifest.json").exists():
+        return stable_hash(read_json(path / "manifest.json"))
+    if path.is_dir() and (list(path.glob("*.safetensors")) or list(path.glob("*.bin"))):
+        return weights_hash(path)
+    if path.is_file():
+        return sha256_file(path)
+    return "missing"
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str | None:
+    """Prefect cache key: stage name + its parameters + content hashes of its inputs.
+
+    Returns None (no caching) while the stage's outputs are missing, so a
+    deleted model is rebuilt instead of being served from a stale cache entry.
+    """
+    p = load_params(parameters["params_path"], parameters.get("overrides"))
+    stage = context.task.name
+    ins, outs, cfg = _io(stage, p, parameters)
+    if not all(Path(o).exists() for o in outs):
+        return None
+    return f"{stage}-" + stable_hash({"cfg": cfg, "inputs": {str(i): _fingerprint(Path(i)) for i in ins},
+                                      "outputs": [str(o) for o in outs]})[:32]
+
+
+def _io(stage: str, p: Params, parameters: dict[str, Any]) -> tuple[list[Path], list[Path], Any]:
+    """(inputs, outputs, relevant parameters) of a stage: what its cache key covers."""
+    data = Path(p.data.out_dir)
+    role = parameters.get("role")
+    if stage == "finetune":
+        out = Path(parameters.get("out_dir") or stages.model_dir(p, role))
+        cfg = [role, p.seed, p.model.model_dump(), p.finetune.model_dump(), p.data.forget_split]
+        return [data], [out], cfg
+    if stage == "reference-cache":
+        target = Path(parameters.get("target_dir") or stages.model_dir(p, "target"))
+        return [data, target], [Path(p.cache.dir)], [p.seed, p.model.max_length, p.data.forget_split, p.cache.model_dump()]
+    raise KeyError(stage)
+
+
+# --------------------------------------------------------------------------- tasks (thin wrappers)
+def _p(params_path: str, overrides: list[str] | None) -> Params:
+    return load_params(params_path, overrides)
+
+
+@task(name="prepare", retries=1)
+def prepare_task(params_path: str, overrides: list[str] | None) -> dict:
+    p = _p(params_path, overrides)
+    out = stages.prepare(p)
+    return read_json(out / "manifest.json")
+
+
+@task(name="validate")
+def validate_task(params_path: str, overrides: list[str] | None) -> dict:
+    # No retry: a failing suite is a data problem, not a transient one.
+    return stages.validate(_p(params_path, overrides))
+
+
+@task(name="finetune", retries=1, cache_key_fn=stage_cache_key, persist_result=True)
+def finetune_task(params_path: str, overrides: list[str] | None, role: str, out_dir: str | None = None) -> dict:
+    # A retry resumes from the training checkpoint instead of starting over.
+    return stages.finetune(_p(params_path, overrides), role, out_dir)
+
+
+@task(name="reference-cache", retries=1, cache_key_fn=stage_cache_key, persist_result=True)
+def cache_task(params_path: str, overrides: list[str] | None, target_dir: str | None = None) -> list[str]:
+    c = stages.build_cache(_p(params_path, overrides), target_dir)
+    return [str(x) for x in c.paths]
+
+
+@task(name="forget", retries=1)
+def forget_task(params_path: str, overrides: list[str] | None, out_dir: str | None = None,
+                target_dir: str | None = None) -> dict:
+    return stages.forget(_p(params_path, overrides), out_dir, target_dir)
+
+
+@task(name="evaluate", retries=1)
+def eval_task(params_path: str, overrides: list[str] | None, model: str, name: str, retain_dir: str | None = None,
+              target_dir: str | None = None) -> dict:
+    res = stages.evaluate(_p(params_path, overrides), model, name, retain_dir, target_dir)
+    return res.metrics
+
+
+@task(name="register", retries=2, retry_delay_seconds=5)
+def register_task(params_path: str, overrides: list[str] | None, request_ids: list[str] | None = None,
+                  model_path: str | None = None) -> dict:
+    return stages.register(_p(params_path, overrides), model_path=model_path, request_ids=request_ids)
+
+
+# --------------------------------------------------------------------------- flows
+def tofu_pipeline(params_path: str, overrides: list[str], request_ids: list[str] | None = None) -> dict:
+    """prepare -> validate -> finetune target, retain -> reference cache -> forget -> evaluate -> register."""
+    log = get_run_logger()
+    p = _p(params_path, overrides)
+    prepare_task(params_path, overrides)
+    validate_task(params_path, overrides)
+    target = finetune_task(params_path, overrides, "target")
+    retain = finetune_task(params_path, overrides, "retain")
+    log.info("target forget prob %.3f, retain model forget prob %.3f", target["forget_prob"], retain["forget_prob"])
+    cache_task(params_path, overrides)
+    forget_task(params_path, overrides)
+    metrics = {}
+    for name in ("retain", "target", "unlearned"):
+        metrics[name] = eval_task(params_path, overrides, str(stages.model_dir(p, name)), name)
+    decision = register_task(params_path, overrides, request_ids)
+    log.info("gate: %s", json.dumps(decision, default=str))
+    return {"metrics": metrics, "decision": decision}
+
+
+@flow(name="unlearn", log_prints=True)
+def unlearn(
+    benchmark: str = "tofu",
+    split: str = "forget10",
+    method: str = "dipo",
+    overrides: list[str] | None = None,
+    params_path: str = "params.yaml",
+) -> dict:
+    """Unlearn ``split`` with ``method`` on ``benchmark`` (tofu | muse | requests) and register the model if it
+    passes the gate. ``overrides`` are ``key=value`` strings applied on top of ``params.yaml``."""
+    params_path = str(Path(params_path) if Path(params_path).is_absolute() else Path.cwd() / params_path)
+    if benchmark == "muse":
+        raise NotImplementedError(
+            "benchmark 'muse' is not available yet: MUSE support is a later issue; use benchmark='tofu'"
+        )
+    if benchmark == "requests":
+        from flows.requests_flow import process_requests  # noqa: PLC0415
+
+        return process_requests(params_path, list(overrides or []))
+    if benchmark != "tofu":
+        raise ValueError(f"unknown benchmark {benchmark!r}: expected tofu, muse or requests")
+    ov = [f"data.forget_split={split}", f"method.name={method}", *(overrides or [])]
+    return tofu_pipeline(params_path, ov)
+
+
+def deployments():
+    """The three deployments, served together by :func:`serve_all`."""
+    p = load_params(PROJECT / "params.yaml")
+    cron = (p.extra.get("requests") or {}).get("schedule_cron", "*/30 * * * *")
+    return [
+        unlearn.to_deployment(name="tofu", parameters={"benchmark": "tofu"}),
+        unlearn.to_deployment(name="muse", parameters={"benchmark": "muse"}),
+        unlearn.to_deployment(name="requests", parameters={"benchmark": "requests"}, cron=cron),
+    ]
+
+
+def serve_all() -> None:
+    from prefect import serve
+
+    serve(*deployments())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run the unlearn flow in-process")
+    run.add_argument("--benchmark", default="tofu", choices=["tofu", "muse", "requests"])
+    run.add_argument("--split", default="forget10")
+    run.add_argument("--method", default="dipo")
+    run.add_argument("--params", default="params.yaml")
+    run.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
+    sub.add_parser("serve", help="serve the deployments unlearn/tofu, unlearn/muse, unlearn/requests")
+    a = ap.parse_args(argv)
+    if a.cmd == "serve":
+        serve_all()
+        return 0
+    out = unlearn(benchmark=a.benchmark, split=a.split, method=a.method, overrides=a.overrides, params_path=a.params)
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(PROJECT))
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Deletion requests: the ledger, the inbox, the forget set they imply, and the audit trail.
+
+See ``docs/requests.md`` for the life of a request and how the pipeline uses this.
+``request_app`` (the ``unlearn request`` typer sub-app) lives in
+:mod:`unlearn.requests.cli` and is imported lazily so that importing this package
+does not pull in typer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .audit import (
+    GIT_COMMIT_TAGS,
+    TAG_FORGET_ROWS,
+    TAG_FORGET_SET_HASH,
+    TAG_REQUEST_IDS,
+    as_version_info,
+    audit_html,
+    audit_model,
+    audit_request,
+    parse_request_ids,
+    render_audit_model,
+    render_audit_request,
+    request_tag,
+)
+from .forget_set import (
+    FORGET,
+    FORGET_PERTURBED,
+    RETAIN,
+    build_request_splits,
+    forget_rows_for,
+    forget_set_hash,
+    read_request_splits,
+    write_request_splits,
+)
+from .inbox import InboxError, IngestResult, ingest_inbox
+from .ledger import (
+    ACCEPTED,
+    STATUSES,
+    AddResult,
+    Ledger,
+    Match,
+    Request,
+    RequestError,
+    RequestsCfg,
+    TransitionError,
+    match_subject,
+    requests_settings,
+)
+
+__all__ = [
+    "ACCEPTED", "FORGET", "FORGET_PERTURBED", "GIT_COMMIT_TAGS", "RETAIN", "STATUSES", "TAG_FORGET_ROWS",
+    "TAG_FORGET_SET_HASH", "TAG_REQUEST_IDS", "AddResult", "InboxError", "IngestResult", "Ledger", "Match", "Request",
+    "RequestError", "RequestsCfg", "TransitionError", "as_version_info", "audit_html", "audit_model", "audit_request",
+    "build_request_splits", "forget_rows_for", "forget_set_hash", "ingest_inbox", "match_subject", "parse_request_ids",
+    "read_request_splits", "render_audit_model", "render_audit_request", "request_app", "request_tag",
+    "requests_settings", "write_request_splits",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "request_app":
+        from .cli import request_app
+
+        return request_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

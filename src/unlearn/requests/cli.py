@@ -1,0 +1,179 @@
+"""``unlearn request ...``: record deletion requests, list them, ingest the inbox.
+
+Mounted by the main CLI with ``app.add_typer(request_app, name="request")``. Every
+command reads ``params.yaml`` (``--params``/``--set``): ``data.out_dir`` for the
+full split the subjects are matched against, and the ``requests:`` section
+(``ledger_url``, ``inbox``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+request_app = typer.Typer(
+    help="Deletion requests ('forget author X', 'forget rows a,b,c'): record them in the ledger, list them, "
+    "ingest the inbox. The pipeline unlearns every accepted request and marks it fulfilled with the model version.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (requests: ledger_url, inbox; data.out_dir)")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="override one parameter, e.g. --set requests.ledger_url=sqlite:///x.db (repeatable)"),
+]
+
+
+def _friendly(fn):
+    """ConfigError / DataError / RequestError / FileNotFoundError -> one line on stderr, exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ..config import ConfigError
+        from ..data.schema import DataError
+        from .ledger import RequestError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, RequestError, FileNotFoundError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _open(params: Path, overrides: list[str] | None):
+    """(Params, RequestsCfg, Ledger)."""
+    from ..config import load_params
+    from .ledger import Ledger, requests_settings
+
+    p = load_params(params, overrides)
+    cfg = requests_settings(p)
+    return p, cfg, Ledger(cfg.url)
+
+
+def _full_rows(p) -> tuple[list[dict], str]:
+    from ..data.splits import read_split
+
+    out = Path(p.data.out_dir)
+    return read_split(out, "full"), str(out / "full.json")
+
+
+def _echo_result(res) -> None:
+    r = res.request
+    line = f"{res.status}: {r.request_id} ({r.describe()}) status={r.status}"
+    if res.status == "rejected" or (res.status == "duplicate" and r.reason):
+        line += f"\n  reason: {r.reason}"
+    typer.echo(line)
+
+
+@request_app.command("add")
+@_friendly
+def add(
+    request_id: Annotated[str, typer.Argument(help="the requester's id for this request (idempotency key: adding it again is a no-op)")],
+    author: Annotated[Optional[str], typer.Option(help="forget every row of this author (author_id, or the author's full name)")] = None,
+    rows: Annotated[Optional[str], typer.Option(help="forget these rows: comma-separated row ids")] = None,
+    received_at: Annotated[Optional[str], typer.Option(help="when the request was received (ISO-8601; default now, UTC)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Record one deletion request. Exactly one of --author / --rows. A subject that matches no rows of
+    data.out_dir/full.json is stored as rejected with the reason (exit code 1)."""
+    if (author is None) == (rows is None):
+        raise typer.BadParameter("give exactly one of --author NAME_OR_ID or --rows ID1,ID2")
+    p, _, ledger = _open(params, set_)
+    with ledger:
+        full, source = _full_rows(p)
+        res = ledger.add(request_id, "author" if author is not None else "rows", author if author is not None else rows,
+                         received_at, known_rows=full, source=source)
+    _echo_result(res)
+    if res.status == "rejected":
+        raise typer.Exit(1)
+
+
+@request_app.command("list")
+@_friendly
+def list_(
+    status: Annotated[Optional[list[str]], typer.Option(help="only this status (repeatable): pending, in_progress, fulfilled, rejected")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Table of the deletion requests (oldest first) with status, fulfilling model version and reason."""
+    _, cfg, ledger = _open(params, set_)
+    with ledger:
+        reqs = ledger.by_status(*status) if status else ledger.all()
+    if not reqs:
+        typer.echo(f"no deletion requests in {ledger.url}")
+        return
+    header = ["request_id", "status", "subject", "received_at", "model", "reason"]
+    table = [header] + [
+        [r.request_id, r.status, r.describe(), r.received_at[:19] + "Z",
+         f"{r.model_name} v{r.model_version}" if r.model_version else "-", r.reason or ""]
+        for r in reqs
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+    for j, line in enumerate(table):
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1])
+        if j == 0:
+            typer.echo("  ".join("-" * w for w in widths) + "  ------")
+    counts = {s: sum(r.status == s for r in reqs) for s in ("pending", "in_progress", "fulfilled", "rejected")}
+    typer.echo("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@request_app.command("ingest")
+@_friendly
+def ingest(
+    inbox: Annotated[Optional[Path], typer.Option(help="inbox directory (default requests.inbox)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Add the requests of every *.jsonl file in the inbox (one JSON object per line: request_id, subject_type,
+    subject, received_at?) and move each processed file to <inbox>/processed/. A file with a malformed line is
+    left in place, added nothing, and is reported by file and line (exit code 2); the other files are processed."""
+    from .inbox import ingest_inbox
+
+    p, cfg, ledger = _open(params, set_)
+    inbox_dir = inbox or Path(cfg.inbox)
+    with ledger:
+        if not inbox_dir.is_dir():
+            typer.echo(f"inbox {inbox_dir} does not exist: nothing to ingest")
+            return
+        full, source = _full_rows(p)
+        res = ingest_inbox(ledger, inbox_dir, full, source=source, strict=False)
+    for r in res:
+        _echo_result(r)
+    counts = {s: sum(r.status == s for r in res) for s in ("added", "duplicate", "rejected")}
+    typer.echo(f"{len(res.moved)} file(s) processed: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if res.errors:
+        typer.echo(f"error: {len({e.file for e in res.errors})} file(s) left in {inbox_dir} (malformed lines):", err=True)
+        for e in res.errors:
+            typer.echo(f"  {e}", err=True)
+        raise typer.Exit(2)
+
+
+@request_app.command("show")
+@_friendly
+def show(
+    request_id: Annotated[str, typer.Argument(help="request id")],
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """One request with its full history (the request_events audit trail)."""
+    _, _, ledger = _open(params, set_)
+    with ledger:
+        r = ledger.get(request_id)
+        if r is None:
+            typer.echo(f"error: no request {request_id!r} in {ledger.url}", err=True)
+            raise typer.Exit(2)
+        events = ledger.events(request_id)
+    typer.echo(f"{r.request_id}: {r.describe()}\n  status: {r.status}" + (f" ({r.reason})" if r.reason else ""))
+    typer.echo(f"  received: {r.received_at}\n  updated: {r.updated_at}")
+    if r.model_version:
+        typer.echo(f"  fulfilled by: {r.model_name} v{r.model_version} (forget set {r.forget_set_hash})")
+    for ev in events:
+        typer.echo(f"  {ev['at']}  {ev['from_status'] or '-'} -> {ev['to_status']}  {ev['detail'] or ''}".rstrip())

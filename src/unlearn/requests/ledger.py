@@ -1,0 +1,546 @@
+"""The deletion-request ledger: every request, its status, and an append-only audit trail.
+
+Two tables (SQLAlchemy Core, any SQLAlchemy URL; SQLite by default):
+
+``deletion_requests``
+    one row per request id: ``subject_type`` (``author`` | ``rows``), ``subject``
+    (author id or name; for rows a JSON list of row ids), ``received_at`` (UTC ISO),
+    ``status`` (``pending`` | ``in_progress`` | ``fulfilled`` | ``rejected``),
+    ``reason`` (why it was rejected, or the last failure while pending),
+    ``model_name`` / ``model_version`` (the registered version that fulfilled it),
+    ``forget_set_hash`` (of the forget set that model was unlearned on), ``updated_at``.
+``request_events``
+    append-only: ``(event_id, request_id, at, from_status, to_status, detail)``.
+    Every insert and every status change writes exactly one event, in the same
+    transaction as the change; nothing ever updates or deletes an event.
+
+Status machine (anything else raises :class:`TransitionError`, nothing changes)::
+
+    add ──> pending ──mark_in_progress──> in_progress ──mark_fulfilled──> fulfilled
+      │        ^  │                          │  │
+      │        │  └──reject──> rejected      │  └──mark_failed / recover_stale──> pending
+      └──> rejected (subject matches no rows)
+
+Every transition call is one transaction over all the ids it is given: either
+every id moves (and gets its event) or none does. Each UPDATE is also guarded by
+``WHERE status = <the status just read>``, so two processes racing on the same
+request cannot both move it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from ..config import ConfigError, Params
+
+SubjectType = Literal["author", "rows"]
+Status = Literal["pending", "in_progress", "fulfilled", "rejected"]
+SUBJECT_TYPES: tuple[str, ...] = ("author", "rows")
+STATUSES: tuple[str, ...] = ("pending", "in_progress", "fulfilled", "rejected")
+ACCEPTED: tuple[str, ...] = ("pending", "in_progress", "fulfilled")
+"""Statuses whose rows belong in every forget set from now on (a fulfilled request stays honoured)."""
+
+DEFAULT_LEDGER_PATH = "data/requests/ledger.db"
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
+"""Request ids: no whitespace and no commas, because MLflow's ``request_ids`` tag is a comma-separated list."""
+NAME_SHARE = 0.25
+"""An author name resolves to the authors whose rows mention it in at least this share of their rows."""
+
+
+class RequestError(ValueError):
+    """A request that cannot be recorded as given (bad id, bad subject type, unparsable date)."""
+
+
+class TransitionError(RequestError):
+    """A status change the state machine does not allow (or an unknown request id); nothing was changed."""
+
+
+# --------------------------------------------------------------------------- settings
+class RequestsCfg(BaseModel):
+    """The ``requests:`` section of ``params.yaml`` (kept in ``Params.extra``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ledger_url: str | None = None
+    inbox: str = "data/requests/inbox"
+    schedule_cron: str = "*/30 * * * *"
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("expected a 5-field cron expression, e.g. '*/30 * * * *'")
+        return v
+
+    @property
+    def url(self) -> str:
+        """``ledger_url``, or ``sqlite:///data/requests/ledger.db`` (relative to the working directory)."""
+        return self.ledger_url or f"sqlite:///{DEFAULT_LEDGER_PATH}"
+
+
+def requests_settings(p: Params) -> RequestsCfg:
+    """The validated ``requests:`` section of ``p`` (defaults when absent); ConfigError names a bad key."""
+    raw = p.extra.get("requests") or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"requests: expected a mapping (ledger_url, inbox, schedule_cron), got {type(raw).__name__}")
+    try:
+        return RequestsCfg(**raw)
+    except ValidationError as e:
+        lines = [f"  requests.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        raise ConfigError("invalid parameters\n" + "\n".join(lines)) from None
+
+
+# --------------------------------------------------------------------------- schema
+metadata = sa.MetaData()
+
+requests_table = sa.Table(
+    "deletion_requests",
+    metadata,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("subject_type", sa.String(16), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("received_at", sa.String(40), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("reason", sa.Text),
+    sa.Column("model_name", sa.String(256)),
+    sa.Column("model_version", sa.String(64)),
+    sa.Column("forget_set_hash", sa.String(64)),
+    sa.Column("updated_at", sa.String(40), nullable=False),
+    sa.CheckConstraint("subject_type IN ('author', 'rows')", name="ck_deletion_requests_subject_type"),
+    sa.CheckConstraint("status IN ('pending', 'in_progress', 'fulfilled', 'rejected')", name="ck_deletion_requests_status"),
+)
+
+events_table = sa.Table(
+    "request_events",
+    metadata,
+    sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.String(128), sa.ForeignKey("deletion_requests.request_id"), nullable=False, index=True),
+    sa.Column("at", sa.String(40), nullable=False),
+    sa.Column("from_status", sa.String(16)),
+    sa.Column("to_status", sa.String(16), nullable=False),
+    sa.Column("detail", sa.Text),
+)
+
+
+# --------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Request:
+    """One row of ``deletion_requests``."""
+
+    request_id: str
+    subject_type: str
+    subject: str
+    received_at: str
+    status: str
+    reason: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    forget_set_hash: str | None = None
+    updated_at: str | None = None
+
+    @property
+    def row_ids(self) -> list[str] | None:
+        """The row ids of a ``rows`` request (None for an author request)."""
+        return json.loads(self.subject) if self.subject_type == "rows" else None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status in ACCEPTED
+
+    def describe(self) -> str:
+        """``author 'Leila Abdi'`` / ``rows syn-a000-q00, syn-a000-q01 (+3 more)``."""
+        if self.subject_type == "author":
+            return f"author {self.subject!r}"
+        ids = self.row_ids or []
+        head = ", ".join(ids[:3])
+        return f"rows {head}" + (f" (+{len(ids) - 3} more)" if len(ids) > 3 else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AddResult:
+    status: Literal["added", "duplicate", "rejected"]
+    request: Request
+
+
+@dataclass(frozen=True)
+class Match:
+    """What a subject resolves to in a set of rows: the rows (full's order), or why none."""
+
+    rows: list[dict]
+    reason: str | None
+    detail: str
+
+
+# --------------------------------------------------------------------------- validation helpers
+def utc_iso(dt: datetime) -> str:
+    """Fixed-width UTC ISO-8601 (microseconds, ``+00:00``): sorts as text, round-trips through fromisoformat."""
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def parse_received_at(value: str | datetime | None, *, now: datetime) -> str:
+    """``received_at`` as UTC ISO; None -> now; naive times are taken as UTC."""
+    if value is None:
+        return utc_iso(now)
+    if isinstance(value, datetime):
+        return utc_iso(value)
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"received_at: expected an ISO-8601 date/time string, got {value!r}")
+    try:
+        return utc_iso(datetime.fromisoformat(value.strip()))
+    except ValueError:
+        raise RequestError(f"received_at: {value!r} is not an ISO-8601 date/time (e.g. 2024-05-01T12:00:00Z)") from None
+
+
+def check_request_id(request_id: Any) -> str:
+    if not isinstance(request_id, str) or not REQUEST_ID_RE.match(request_id):
+        raise RequestError(
+            f"request_id: {request_id!r} is not a valid id (1-128 characters: letters, digits and . _ : @ / + -, "
+            "starting with a letter or digit; no spaces or commas)"
+        )
+    return request_id
+
+
+def check_subject_type(subject_type: Any) -> str:
+    if subject_type not in SUBJECT_TYPES:
+        raise RequestError(f"subject_type: expected 'author' or 'rows', got {subject_type!r}")
+    return subject_type
+
+
+def normalize_subject(subject_type: str, subject: Any) -> str:
+    """The subject as stored: the stripped author id/name, or a JSON list of unique row ids (given order).
+
+    A ``rows`` subject may be a list of ids, a JSON list string or a comma-separated string.
+    """
+    check_subject_type(subject_type)
+    if subject_type == "author":
+        if not isinstance(subject, str) or not subject.strip():
+            raise RequestError(f"subject: an author request needs a non-empty author id or name, got {subject!r}")
+        return " ".join(subject.split())
+    ids = subject
+    if isinstance(subject, str):
+        text = subject.strip()
+        if text.startswith("["):
+            try:
+                ids = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise RequestError(f"subject: not a valid JSON list of row ids: {e.msg}") from None
+        else:
+            ids = [s.strip() for s in text.split(",") if s.strip()]
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, str) and i.strip() for i in ids):
+        raise RequestError(f"subject: a rows request needs a list of row ids (strings), got {subject!r}")
+    return json.dumps(list(dict.fromkeys(i.strip() for i in ids)))
+
+
+def _first(items: Iterable[str], n: int = 5) -> str:
+    items = list(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _name_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(r"(?<!\w)" + r"\s+".join(map(re.escape, name.split())) + r"(?!\w)", re.IGNORECASE)
+
+
+def match_subject(subject_type: str, subject: Any, rows: Sequence[Mapping[str, Any]], *, source: str = "the known rows") -> Match:
+    """Resolve a subject against ``rows`` (the full split).
+
+    * ``author``: an exact ``author_id`` wins; otherwise the subject is taken as the
+      author's *name*: it must appear (case-insensitive, whole words) in the question
+      or answer of that author's rows, in at least :data:`NAME_SHARE` of them, and
+      that must single out exactly one author. The match is *every* row of that
+      author (also the rows that do not spell the name out).
+    * ``rows``: every id must be a row of ``rows``; any unknown id rejects the whole
+      request, naming the unknown ids (a partial deletion would be a silent one).
+    """
+    stored = normalize_subject(subject_type, subject)
+    if subject_type == "rows":
+        wanted = json.loads(stored)
+        if not wanted:
+            return Match([], "rows subject lists no row ids", "")
+        known = {r["id"] for r in rows}
+        unknown = [i for i in wanted if i not in known]
+        if unknown:
+            return Match(
+                [],
+                f"rows subject names {len(unknown)} row id(s) not in {source}: {_first(unknown)}; "
+                "resubmit with existing ids only",
+                "",
+            )
+        want = set(wanted)
+        return Match([r for r in rows if r["id"] in want], None, f"{len(want)} row(s)")
+
+    authors: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        authors.setdefault(r["author_id"], []).append(r)
+    if stored in authors:
+        return Match([dict(r) for r in authors[stored]], None, f"author id {stored}: {len(authors[stored])} row(s)")
+    pattern = _name_pattern(stored)
+    hits = {a: sum(1 for r in rs if pattern.search(r["question"]) or pattern.search(r["answer"])) for a, rs in authors.items()}
+    mentioned = [a for a, n in hits.items() if n]
+    if not mentioned:
+        return Match(
+            [],
+            f"author {stored!r} matches no rows in {source}: it is neither an author_id nor a name found in any "
+            f"question/answer (known authors: {_first(authors)})",
+            "",
+        )
+    strong = [a for a in mentioned if hits[a] >= NAME_SHARE * len(authors[a])]
+    if len(strong) != 1:
+        cands = strong or mentioned
+        return Match(
+            [],
+            f"author {stored!r} is ambiguous in {source}: the name appears in the rows of {len(cands)} authors "
+            f"({_first(cands)}); give the author_id or the full name",
+            "",
+        )
+    a = strong[0]
+    return Match([dict(r) for r in authors[a]], None, f"author name {stored!r} -> author id {a}: {len(authors[a])} row(s)")
+
+
+# --------------------------------------------------------------------------- the ledger
+def _engine_for(url: str) -> sa.Engine:
+    u = sa.make_url(url)
+    kwargs: dict[str, Any] = {}
+    if u.get_backend_name() == "sqlite":
+        db = u.database
+        if db in (None, "", ":memory:"):
+            from sqlalchemy.pool import StaticPool
+
+            kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        elif not db.startswith("file:"):
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+    return sa.create_engine(u, **kwargs)
+
+
+def _insert_event(conn: sa.Connection, request_id: str, at: str, from_status: str | None, to_status: str, detail: str | None) -> None:
+    conn.execute(
+        events_table.insert().values(request_id=request_id, at=at, from_status=from_status, to_status=to_status, detail=detail)
+    )
+
+
+def _record(row: Any) -> Request:
+    return Request(**{k: row._mapping[k] for k in Request.__dataclass_fields__})
+
+
+class Ledger:
+    """The deletion-request ledger behind a SQLAlchemy URL (tables are created if missing).
+
+    ``clock`` (returns an aware UTC datetime) is injectable for tests.
+    """
+
+    def __init__(self, url: str | None = None, *, clock: Callable[[], datetime] | None = None) -> None:
+        self.url = url or f"sqlite:///{DEFAULT_LEDGER_PATH}"
+        self._engine = _engine_for(self.url)
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        metadata.create_all(self._engine)
+
+    # -- lifecycle
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({self._engine.url.render_as_string(hide_password=True)!r})"
+
+    def _now(self) -> str:
+        return utc_iso(self._clock())
+
+    # -- reads
+    def get(self, request_id: str) -> Request | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(requests_table).where(requests_table.c.request_id == request_id)).first()
+        return None if row is None else _record(row)
+
+    def _select(self, statuses: Sequence[str] | None = None) -> list[Request]:
+        q = sa.select(requests_table)
+        if statuses is not None:
+            q = q.where(requests_table.c.status.in_(list(statuses)))
+        q = q.order_by(requests_table.c.received_at, requests_table.c.request_id)
+        with self._engine.connect() as conn:
+            return [_record(r) for r in conn.execute(q)]
+
+    def all(self) -> list[Request]:
+        """Every request, oldest first (received_at, then request_id)."""
+        return self._select()
+
+    def pending(self, include_in_progress: bool = False) -> list[Request]:
+        """Requests waiting for a model (plus the in_progress ones if asked: e.g. to report a stuck run)."""
+        return self._select(("pending", "in_progress") if include_in_progress else ("pending",))
+
+    def accepted(self) -> list[Request]:
+        """pending + in_progress + fulfilled: the requests every new model's forget set must cover."""
+        return self._select(ACCEPTED)
+
+    def by_status(self, *statuses: str) -> list[Request]:
+        bad = [s for s in statuses if s not in STATUSES]
+        if bad:
+            raise RequestError(f"unknown status(es) {bad}; expected {', '.join(STATUSES)}")
+        return self._select(statuses)
+
+    def events(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        """The audit trail (oldest first), of one request or of all."""
+        q = sa.select(events_table).order_by(events_table.c.event_id)
+        if request_id is not None:
+            q = q.where(events_table.c.request_id == request_id)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    # -- writes
+    def add(
+        self,
+        request_id: str,
+        subject_type: str,
+        subject: Any,
+        received_at: str | datetime | None = None,
+        *,
+        known_rows: Sequence[Mapping[str, Any]],
+        source: str = "the known rows",
+    ) -> AddResult:
+        """Record a request: ``added`` (pending), ``rejected`` (stored, with the reason) or ``duplicate``.
+
+        A request id seen before is a no-op returning the existing record, whatever
+        the new subject says (ids are the requester's idempotency key). ``source``
+        names the data in rejection reasons (e.g. ``data/tofu/full.json``).
+        """
+        rid = check_request_id(request_id)
+        existing = self.get(rid)
+        if existing is not None:
+            return AddResult("duplicate", existing)
+        check_subject_type(subject_type)
+        stored = normalize_subject(subject_type, subject)
+        now_dt = self._clock()
+        received = parse_received_at(received_at, now=now_dt)
+        m = match_subject(subject_type, stored, known_rows, source=source)
+        status = "rejected" if m.reason else "pending"
+        now = utc_iso(now_dt)
+        try:
+            with self._engine.begin() as conn:
+                conn.execute(
+                    requests_table.insert().values(
+                        request_id=rid, subject_type=subject_type, subject=stored, received_at=received,
+                        status=status, reason=m.reason, updated_at=now,
+                    )
+                )
+                _insert_event(conn, rid, now, None, status, m.reason or f"accepted: {m.detail}")
+        except IntegrityError:
+            # Another writer inserted the same id between our get() and insert(): theirs wins.
+            existing = self.get(rid)
+            if existing is None:
+                raise
+            return AddResult("duplicate", existing)
+        rec = self.get(rid)
+        assert rec is not None
+        return AddResult("rejected" if m.reason else "added", rec)
+
+    def _transition(
+        self,
+        ids: Iterable[str],
+        *,
+        allowed_from: tuple[str, ...],
+        to: str,
+        values: Mapping[str, Any] | None = None,
+        detail: str | None = None,
+        action: str,
+    ) -> list[Request]:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return []
+        now = self._now()
+        with self._engine.begin() as conn:
+            current = {
+                r.request_id: r.status
+                for r in conn.execute(
+                    sa.select(requests_table.c.request_id, requests_table.c.status).where(requests_table.c.request_id.in_(ids))
+                )
+            }
+            unknown = [i for i in ids if i not in current]
+            if unknown:
+                raise TransitionError(f"cannot {action}: unknown request id(s) {_first(unknown)}; nothing was changed")
+            bad = [f"{i} is {current[i]}" for i in ids if current[i] not in allowed_from]
+            if bad:
+                need = " or ".join(allowed_from)
+                raise TransitionError(f"cannot {action}: requires status {need}, but {_first(bad)}; nothing was changed")
+            for i in ids:
+                res = conn.execute(
+                    requests_table.update()
+                    .where(requests_table.c.request_id == i, requests_table.c.status == current[i])
+                    .values(status=to, updated_at=now, **dict(values or {}))
+                )
+                if res.rowcount != 1:
+                    raise TransitionError(f"cannot {action}: {i} changed status concurrently; nothing was changed")
+                _insert_event(conn, i, now, current[i], to, detail)
+        return [r for r in (self.get(i) for i in ids) if r is not None]
+
+    def mark_in_progress(self, ids: Iterable[str], *, detail: str | None = None) -> list[Request]:
+        """pending -> in_progress (the pipeline claims them; ``detail``, e.g. the flow run id, goes into the events)."""
+        return self._transition(ids, allowed_from=("pending",), to="in_progress", detail=detail, action="mark in progress")
+
+    def mark_fulfilled(
+        self, ids: Iterable[str], model_name: str, model_version: str | int, forget_set_hash: str, *, detail: str | None = None
+    ) -> list[Request]:
+        """in_progress -> fulfilled by registered ``model_name`` version ``model_version``, unlearned on ``forget_set_hash``."""
+        for key, val in (("model_name", model_name), ("model_version", model_version), ("forget_set_hash", forget_set_hash)):
+            if val is None or not str(val).strip():
+                raise TransitionError(f"cannot mark fulfilled: {key} is required (got {val!r}); nothing was changed")
+        values = {"model_name": str(model_name), "model_version": str(model_version), "forget_set_hash": str(forget_set_hash), "reason": None}
+        detail = detail or f"fulfilled by {model_name} v{model_version} (forget set {str(forget_set_hash)[:12]})"
+        return self._transition(ids, allowed_from=("in_progress",), to="fulfilled", values=values, detail=detail, action="mark fulfilled")
+
+    def mark_failed(self, ids: Iterable[str], reason: str) -> list[Request]:
+        """in_progress -> pending, keeping ``reason`` (the failure) so the next run retries them."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise TransitionError("cannot mark failed: a reason is required; nothing was changed")
+        return self._transition(
+            ids, allowed_from=("in_progress",), to="pending", values={"reason": reason}, detail=f"failed: {reason}", action="mark failed"
+        )
+
+    def reject(self, ids: Iterable[str], reason: str) -> list[Request]:
+        """pending -> rejected (an operator decision, e.g. a request found to be invalid), with the reason."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise TransitionError("cannot reject: a reason is required; nothing was changed")
+        return self._transition(
+            ids, allowed_from=("pending",), to="rejected", values={"reason": reason}, detail=f"rejected: {reason}", action="reject"
+        )
+
+    def recover_stale(self, older_than: timedelta | None = None) -> list[Request]:
+        """in_progress -> pending for requests a run claimed but never finished (it crashed or was killed).
+
+        ``older_than=None`` recovers every in_progress request: call it at the start of
+        a run when no other run can be active (a concurrency limit of 1). With
+        ``older_than`` only requests whose last change is older than that are
+        recovered, so a run that is still going is not robbed.
+        """
+        stuck = self.by_status("in_progress")
+        if older_than is not None:
+            cutoff = self._clock() - older_than
+            stuck = [r for r in stuck if datetime.fromisoformat(r.updated_at or r.received_at) < cutoff]
+        out: list[Request] = []
+        for r in stuck:  # one transaction each: a request moved by someone else meanwhile is skipped, not fatal
+            reason = f"interrupted: the run that claimed it at {r.updated_at} did not finish; retrying"
+            try:
+                out += self._transition(
+                    [r.request_id], allowed_from=("in_progress",), to="pending", values={"reason": reason},
+                    detail="recovered stale in_progress", action="recover",
+                )
+            except TransitionError:
+                continue
+        return out
