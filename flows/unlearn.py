@@ -151,6 +151,116 @@ def tofu_pipeline(params_path: str, overrides: list[str], request_ids: list[str]
     return {"metrics": metrics, "decision": decision}
 
 
+# --------------------------------------------------------------------------- deletion requests
+@task(name="requests-intake")
+def intake_task(params_path: str, overrides: list[str]) -> list[str]:
+    """Inbox -> ledger; in-progress requests left by a crashed run go back to pending. Returns pending ids."""
+    from unlearn.requests import Ledger, ingest_inbox, requests_settings
+
+    p = _p(params_path, overrides)
+    cfg = requests_settings(p)
+    full = stages.read_splits(p, ["full"])["full"]
+    with Ledger(cfg.url) as ledger:
+        ledger.recover_stale()
+        ingest_inbox(ledger, cfg.inbox, full, strict=False)
+        return [r.request_id for r in ledger.pending()]
+
+
+@task(name="request-splits")
+def request_splits_task(params_path: str, overrides: list[str], request_ids: list[str]) -> dict:
+    """Forget set = union of every accepted request; write its TOFU-format splits and version them with DVC."""
+    from unlearn.requests import Ledger, build_request_splits, forget_rows_for, forget_set_hash, requests_settings
+    from unlearn.requests.forget_set import write_request_splits
+
+    p = _p(params_path, overrides)
+    names = ["full", "real_authors", "world_facts", "retain_perturbed"]
+    splits = stages.read_splits(p, names)
+    perturbed = [r for n in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed")
+                 for r in stages.read_splits(p, [n])[n]]
+    with Ledger(requests_settings(p).url) as ledger:
+        # Claimed (in progress) + already fulfilled: a later model keeps honouring earlier requests, and a
+        # request arriving mid-run is not silently included without being claimed.
+        accepted = ledger.by_status("in_progress", "fulfilled")
+    rows = forget_rows_for(accepted, splits["full"])
+    fhash = forget_set_hash(rows)
+    out = Path("data/requests/splits") / fhash[:12]
+    built = build_request_splits(splits["full"], rows, real_authors=splits["real_authors"],
+                                 world_facts=splits["world_facts"], retain_perturbed=splits["retain_perturbed"],
+                                 perturbed_rows=perturbed)
+    write_request_splits(built, out, request_ids=[r.request_id for r in accepted], forget_set_hash=fhash)
+    _dvc_add(out)
+    return {"dir": str(out), "forget_set_hash": fhash, "rows": len(rows),
+            "honoured": sorted(r.request_id for r in accepted)}
+
+
+def _dvc_add(path: Path) -> None:
+    """Version the request splits with DVC (``dvc add``), when the project is a DVC repo."""
+    import subprocess
+
+    log = get_run_logger()
+    if not Path(".dvc").is_dir():
+        log.warning("not a DVC repository: %s is not versioned", path)
+        return
+    res = subprocess.run([sys.executable, "-m", "dvc", "add", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc add {path} failed: {res.stderr.strip()[-2000:]}")
+
+
+def requests_pipeline(params_path: str, overrides: list[str]) -> dict:
+    """Pending deletion requests -> forget set -> unlearn -> evaluate -> gate -> register -> ledger updated.
+
+    The requests are marked in progress first; on any failure they go back to
+    pending with the reason (and a crash that kills the process is recovered by
+    the next run's intake), so no request is lost and none is marked fulfilled
+    unless a registered model honours it.
+    """
+    from unlearn.requests import Ledger, requests_settings
+
+    log = get_run_logger()
+    base = _p(params_path, overrides)
+    prepare_task(params_path, overrides)
+    validate_task(params_path, overrides)
+    pending = intake_task(params_path, overrides)
+    if not pending:
+        log.info("no pending deletion requests")
+        return {"status": "idle", "pending": []}
+    url = requests_settings(base).url
+    with Ledger(url) as ledger:
+        ledger.mark_in_progress(pending, detail="unlearn/requests flow run")
+    try:
+        finetune_task(params_path, overrides, "target")
+        info = request_splits_task(params_path, overrides, pending)
+        h = info["forget_set_hash"][:12]
+        root = Path("models") / "requests" / h
+        ov = [*overrides, f"data.out_dir={info['dir']}", "data.forget_split=forget_requests",
+              f"reports_dir=reports/requests/{h}"]
+        target = str(stages.model_dir(base, "target"))
+        retain = str(root / "retain")
+        unlearned = str(root / "unlearned")
+        finetune_task(params_path, ov, "retain", retain)  # gold standard for this forget set
+        cache_task(params_path, ov, target)
+        forget_task(params_path, ov, unlearned, target)
+        metrics = {}
+        for name, model in (("retain", retain), ("target", target), ("unlearned", unlearned)):
+            metrics[name] = eval_task(params_path, ov, model, name, retain, target)
+        decision = register_task(params_path, ov, info["honoured"], unlearned)
+    except BaseException as e:
+        with Ledger(url) as ledger:
+            ledger.mark_failed(pending, f"{type(e).__name__}: {e}"[:2000])
+        raise
+    with Ledger(url) as ledger:
+        if decision.get("passed") and decision.get("version") is not None:
+            ledger.mark_fulfilled(pending, model_name=decision.get("registered_model"),
+                                  model_version=str(decision["version"]), forget_set_hash=info["forget_set_hash"])
+            status = "fulfilled"
+        else:
+            reasons = "; ".join(decision.get("reasons") or ["not registered"])
+            ledger.mark_failed(pending, f"gate failed: {reasons}")
+            status = "gate_failed"
+    log.info("requests %s: %s (model version %s)", ", ".join(pending), status, decision.get("version"))
+    return {"status": status, "requests": pending, "decision": decision, "metrics": metrics, "forget_set": info}
+
+
 @flow(name="unlearn", log_prints=True)
 def unlearn(
     benchmark: str = "tofu",
@@ -167,9 +277,7 @@ def unlearn(
             "benchmark 'muse' is not available yet: MUSE support is a later issue; use benchmark='tofu'"
         )
     if benchmark == "requests":
-        from flows.requests_flow import process_requests  # noqa: PLC0415
-
-        return process_requests(params_path, list(overrides or []))
+        return requests_pipeline(params_path, list(overrides or []))
     if benchmark != "tofu":
         raise ValueError(f"unknown benchmark {benchmark!r}: expected tofu, muse or requests")
     ov = [f"data.forget_split={split}", f"method.name={method}", *(overrides or [])]

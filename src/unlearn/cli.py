@@ -256,6 +256,24 @@ def register(
 
 @app.command()
 @friendly_errors
+def audit(
+    request_id: Annotated[Optional[str], typer.Argument(help="a deletion request id")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="a registered version number or alias (champion)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Audit trail. `unlearn audit REQUEST_ID`: which registered model versions honour the request, with the
+    evidence (forget quality, the request's rows' answer probability before and after). `unlearn audit --model
+    VERSION`: which requests, data hashes, params and commit produced that version."""
+    from . import stages
+
+    if (request_id is None) == (model is None):
+        raise typer.BadParameter("give exactly one of REQUEST_ID or --model VERSION")
+    typer.echo(stages.audit(_params(params, set_), request_id, model))
+
+
+@app.command()
+@friendly_errors
 def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages
@@ -282,6 +300,15 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}"
     return str(v)
+
+
+def _mount_subapps() -> None:
+    from .requests.cli import request_app
+
+    app.add_typer(request_app, name="request", help="Deletion requests: add, list, ingest the inbox, show one.")
+
+
+_mount_subapps()
 
 
 def main() -> None:  # pragma: no cover

@@ -6,6 +6,7 @@ same functions, so no stage logic lives anywhere else.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -438,5 +439,70 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
         data_hashes=tracking.data_hashes(p), git_commit=tracking.git_commit(), request_ids=request_ids,
     )
     decision = reg.as_dict()
+    if reg.version is not None:
+        evidence = request_evidence(p, request_ids)
+        decision["request_evidence"] = evidence
+        tags = {f"request.{rid}.{k}": v for rid, ev in evidence.items() for k, v in ev.items() if v is not None}
+        tracking.annotate_version(p, str(reg.version), reg.run_id, tags, _audit_page(p, str(reg.version)))
     write_json(rdir / "register" / "decision.json", decision)
     return decision
+
+
+def request_evidence(p: Params, request_ids) -> dict[str, dict[str, float | None]]:
+    """Per deletion request: mean answer probability of its rows before (target) and after (unlearned).
+
+    Read from the evaluations' per-example records, so nothing is recomputed.
+    """
+    from .requests import Ledger, forget_rows_for, parse_request_ids, requests_settings
+
+    ids = parse_request_ids(request_ids)
+    if not ids:
+        return {}
+    with Ledger(requests_settings(p).url) as ledger:
+        reqs = {rid: ledger.get(rid) for rid in ids}
+    reqs = {rid: r for rid, r in reqs.items() if r is not None}
+    if not reqs:
+        return {}
+    probs = {}
+    for name in ("target", "unlearned"):
+        f = reports_dir(p) / "eval" / name / "per_example.jsonl"
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        probs[name] = {r["id"]: r.get("prob") for r in recs if r.get("split", "").startswith(p.data.forget_split)}
+    forget_rows = read_splits(p, [p.data.forget_split])[p.data.forget_split]
+    out: dict[str, dict[str, float | None]] = {}
+    for rid, req in reqs.items():
+        rows = forget_rows_for([req], forget_rows)
+        ev = {}
+        for key, name in (("prob_before", "target"), ("prob_after", "unlearned")):
+            vals = [probs[name].get(r["id"]) for r in rows]
+            vals = [v for v in vals if v is not None]
+            ev[key] = float(np.mean(vals)) if vals else None
+        out[rid] = ev
+    return out
+
+
+def _audit_page(p: Params, version: str) -> str | None:
+    """The HTML audit page of a registered version: requests, data hashes, params, commit, metrics."""
+    from . import tracking
+    from .requests import Ledger, audit_html, parse_request_ids, requests_settings
+
+    info = tracking.model_version_info(p, version)
+    ids = parse_request_ids(info["tags"].get("request_ids"))
+    with Ledger(requests_settings(p).url) as ledger:
+        reqs = [r for r in (ledger.get(i) for i in ids) if r is not None]
+    return audit_html(info, reqs)
+
+
+def audit(p: Params, request_id: str | None = None, model_version: str | None = None) -> str:
+    """``unlearn audit``: which versions honour a request, or what produced a version (rendered text)."""
+    from . import tracking
+    from .requests import Ledger, audit_model, audit_request, render_audit_model, render_audit_request, requests_settings
+
+    with Ledger(requests_settings(p).url) as ledger:
+        if model_version is not None:
+            return render_audit_model(audit_model(tracking.model_version_info(p, model_version), ledger))
+        if request_id is None:
+            raise ValueError("give a REQUEST_ID or --model VERSION")
+        return render_audit_request(
+            audit_request(ledger, request_id, versions_lookup=lambda rid: tracking.versions_for_request(p, rid))
+        )

@@ -568,3 +568,51 @@ def register_if_passing(
     client.set_tag(run_id, "registered_version", reg.version)
     client.set_tag(run_id, "registered_alias", reg.alias)
     return reg
+
+
+# --------------------------------------------------------------------------- audit support
+def versions_for_request(p: Params, request_id: str) -> list[dict[str, Any]]:
+    """Registered versions whose ``request_ids`` tag contains ``request_id`` (exact match after parsing)."""
+    from .requests.audit import as_version_info, parse_request_ids
+
+    cfg = tracking_config(p)
+    client = client_for(cfg)
+    try:
+        versions = client.search_model_versions(f"name='{cfg.registered_model}'")
+    except Exception:  # noqa: BLE001 - no registered model yet
+        return []
+    out = []
+    for v in versions:
+        if request_id in parse_request_ids((v.tags or {}).get("request_ids")):
+            out.append(_with_run_metrics(client, as_version_info(v)))
+    return out
+
+
+def model_version_info(p: Params, version: str) -> dict[str, Any]:
+    """A registered version (by number or alias, e.g. ``champion``) with its tags, aliases and run metrics."""
+    from .requests.audit import as_version_info
+
+    cfg = tracking_config(p)
+    client = client_for(cfg)
+    mv = (client.get_model_version(cfg.registered_model, str(version)) if str(version).isdigit()
+          else client.get_model_version_by_alias(cfg.registered_model, str(version)))
+    return _with_run_metrics(client, as_version_info(mv))
+
+
+def _with_run_metrics(client, info: dict[str, Any]) -> dict[str, Any]:
+    if info.get("run_id"):
+        try:
+            info["metrics"] = {**client.get_run(info["run_id"]).data.metrics, **info.get("metrics", {})}
+        except Exception:  # noqa: BLE001 - a deleted run leaves the tags as evidence
+            pass
+    return info
+
+
+def annotate_version(p: Params, version: str, run_id: str, tags: Mapping[str, Any], audit_page: str | None) -> None:
+    """Per-request evidence tags on a registered version, and its HTML audit page as a run artifact."""
+    cfg = tracking_config(p)
+    client = client_for(cfg)
+    for k, v in tags.items():
+        client.set_model_version_tag(cfg.registered_model, str(version), k, _tag_value(v))
+    if audit_page is not None:
+        client.log_text(run_id, audit_page, "audit/audit.html")
