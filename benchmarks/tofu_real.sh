@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A small Llama trained from scratch on the real TOFU files, then DiPO, then TOFU evaluation of all three
-# models. Needs ../shared/data/tofu (see ../shared/data/SOURCES.md). About 30-40 min on 2 CPU cores.
+# models. Needs ../shared/data/tofu (see ../shared/data/SOURCES.md). About 40 min on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=(--params configs/tofu_real.yaml)

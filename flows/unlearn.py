@@ -112,9 +112,18 @@ def cache_task(params_path: str, overrides: list[str] | None, target_dir: str | 
     return [str(x) for x in c.paths]
 
 
+def _fault_point(stage: str) -> None:
+    """Crash-safety testing: ``UNLEARN_FAULT_INJECT=<stage>`` kills the process (SIGKILL) as that stage starts."""
+    if os.environ.get("UNLEARN_FAULT_INJECT") == stage:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @task(name="forget", retries=1)
 def forget_task(params_path: str, overrides: list[str] | None, out_dir: str | None = None,
                 target_dir: str | None = None) -> dict:
+    _fault_point("forget")
     return stages.forget(_p(params_path, overrides), out_dir, target_dir)
 
 
