@@ -24,6 +24,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# This file is named like the library package; run as a script, its folder comes first on sys.path
+# and `import unlearn` would find this file instead of the package. Drop that entry.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if getattr(sys.modules.get("unlearn"), "__file__", None) == os.path.abspath(__file__):
+    del sys.modules["unlearn"]
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
