@@ -13,11 +13,12 @@ export TOKENIZERS_PARALLELISM := false
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test venv clean help
+.PHONY: run test serve venv clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the whole pipeline on the built-in default (dvc repro)"
 	@echo "make test  - install into $(VENV) and run the test suite (what CI runs)"
+	@echo "make serve - start a local Prefect server and serve unlearn/tofu, unlearn/muse, unlearn/requests"
 	@echo "make clean - remove generated data, models, caches and reports (keeps $(VENV))"
 
 venv: $(STAMP)
@@ -36,6 +37,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+serve: $(STAMP)
+	BIN=$(BIN) flows/serve.sh
 
 clean:
 	rm -rf data/tofu models cache reports outputs mlruns mlflow.db .prefect

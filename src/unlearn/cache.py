@@ -247,6 +247,9 @@ class LiveReference:
 
     @torch.no_grad()
     def _one(self, batch: dict) -> dict[str, torch.Tensor]:
+        dev = batch["input_ids"].device
+        if next(self.model.parameters()).device != dev:  # accelerate moved the batch (e.g. to a GPU)
+            self.model.to(dev)
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         lg, lb = logits[:, :-1], batch["labels"][:, 1:]
         logp = torch.log_softmax(lg, -1)

@@ -186,11 +186,14 @@ def memorisation_summary(p: Params, model, tok) -> dict[str, float]:
 
 
 def set_threads() -> None:
-    """Use every core for intra-op parallelism (torch defaults can be lower in containers)."""
+    """Use every core for intra-op parallelism, unless OMP_NUM_THREADS / UNLEARN_THREADS says otherwise.
+
+    On a busy shared machine fewer threads than cores can be much faster (see benchmarks/bench_unlearn.py).
+    """
     import os
 
-    n = os.cpu_count() or 1
-    torch.set_num_threads(n)
+    n = int(os.environ.get("UNLEARN_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
 
 
 # --------------------------------------------------------------------------- reference cache + unlearning
@@ -268,7 +271,10 @@ def forget(
     needs_ref = bool(needs & REF_NEEDS)
     cache = live = None
     if needs_ref and reference == "cache":
-        cache = build_cache(p, target_dir)
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # rank 0 builds a missing cache, the others then load it
+            cache = build_cache(p, target_dir)
     elif needs_ref:
         live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k)
 

@@ -180,7 +180,9 @@ def train_loop(
                 state["step"] += 1
                 entry = {"step": state["step"], "epoch": epoch, "lr": sched.get_last_lr()[0]}
                 entry.update({k: float(v) for k, v in logs.items()})
-                entry.setdefault("loss", float(loss.detach()))
+                # Under data parallelism, log the mean over ranks, not rank 0's own batch.
+                entry["loss"] = float(acc.gather(loss.detach().reshape(1)).mean()) if acc.num_processes > 1 \
+                    else entry.get("loss", float(loss.detach()))
                 log.append(entry)
                 if on_log:
                     on_log(entry)
