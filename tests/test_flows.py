@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import copy_project, env, sh
+from helpers import copy_project, env
 from unlearn.io import read_json
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,6 @@ traceback wall.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -31,40 +30,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (see params.yaml for every knob)")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="override one parameter, e.g. --set method.name=npo (repeatable)"),
-]
+from .cli_common import ParamsOpt, SetOpt, friendly_errors  # noqa: E402
 
 
 def _params(params: Path, overrides: list[str] | None):
     from .config import load_params
 
     return load_params(params, overrides)
-
-
-def friendly_errors(fn):
-    """Known error kinds become one clear line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .config import ConfigError
-
-        known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
-        try:
-            from .data.schema import DataError
-
-            known = known + (DataError,)
-        except ImportError:  # pragma: no cover - data package always present
-            pass
-        try:
-            return fn(*args, **kwargs)
-        except known as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def _setup(verbose: bool = False) -> None:

@@ -29,8 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from unlearn.config import EvalCfg
+from unlearn.io import sha256_file, write_json
 from unlearn.models.formatting import (
     PROMPT_TEMPLATE,
     collate,
@@ -514,14 +513,6 @@ def evaluate_model(
 
 # --------------------------------------------------------------------------- retain-model reference
 
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The weight files of a saved model (first glob pattern that matches wins)."""
     model_dir = Path(model_dir)
@@ -544,8 +535,8 @@ def reference_key(retain_model_dir: str | Path, forget_rows: Sequence[dict], max
     weights = weight_files(d)
     if not weights:
         raise FileNotFoundError(f"{d}: no weight files ({', '.join(WEIGHT_PATTERNS)})")
-    files = {p.name: _sha256_file(p) for p in weights}
-    files.update({name: _sha256_file(d / name) for name in TOKENIZER_FILES if (d / name).is_file()})
+    files = {p.name: sha256_file(p) for p in weights}
+    files.update({name: sha256_file(d / name) for name in TOKENIZER_FILES if (d / name).is_file()})
     payload = {
         "version": REFERENCE_VERSION,
         "files": files,
@@ -584,30 +575,14 @@ def _load_reference(path: Path, key: str, rows: Sequence[dict]) -> np.ndarray | 
         return None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_model(model_dir: str | Path, device: torch.device | str | None = None):
     """``(model, tokenizer)`` from a saved directory (tokenizer saved beside the model), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..models.build import load_model as _load_model
+    from ..models.build import load_tokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    ensure_pad(tokenizer)
-    dtype = "auto" if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
-    model.eval()
+    tokenizer = load_tokenizer(model_dir)
+    model = _load_model(model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).to(device)
     return model, tokenizer
 
 
@@ -648,7 +623,7 @@ def retain_reference(
                        device=device, progress=progress, desc=f"retain reference {forget_split}")
     tr = sc["truth_ratio"]
     vals = [None if math.isnan(v) else float(v) for v in tr]
-    _write_json_atomic(path, {
+    write_json(path, {
         "key": key,
         "version": REFERENCE_VERSION,
         "forget_split": forget_split,

@@ -8,9 +8,8 @@ full split the subjects are matched against, and the ``requests:`` section
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional  # noqa: F401 - used in annotations
 
 import typer
 
@@ -22,29 +21,8 @@ request_app = typer.Typer(
     add_completion=False,
 )
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (requests: ledger_url, inbox; data.out_dir)")]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="override one parameter, e.g. --set requests.ledger_url=sqlite:///x.db (repeatable)"),
-]
-
-
-def _friendly(fn):
-    """ConfigError / DataError / RequestError / FileNotFoundError -> one line on stderr, exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from ..config import ConfigError
-        from ..data.schema import DataError
-        from .ledger import RequestError
-
-        try:
-            return fn(*args, **kwargs)
-        except (ConfigError, DataError, RequestError, FileNotFoundError) as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
+from ..cli_common import ParamsOpt, SetOpt  # noqa: E402
+from ..cli_common import friendly_errors as _friendly  # noqa: E402
 
 
 def _open(params: Path, overrides: list[str] | None):
