@@ -51,8 +51,21 @@ def flow_env(project: Path, **extra: str) -> dict[str, str]:
 
 
 def run_flow(project: Path, *args: str, check: bool = True, extra_env: dict | None = None):
-    res = subprocess.run([sys.executable, "flows/unlearn.py", "run", *args], cwd=project, capture_output=True,
-                         text=True, env=flow_env(project, **(extra_env or {})), timeout=1800)
+    """Run the flow script in its own session; output goes to files, not pipes, and whatever the flow leaves
+    behind (e.g. the temporary Prefect server of a killed run) is terminated with its process group."""
+    logs = project / ".prefect"
+    out_f, err_f = logs / "flow.out", logs / "flow.err"
+    with open(out_f, "w") as out, open(err_f, "w") as err:
+        proc = subprocess.Popen([sys.executable, "flows/unlearn.py", "run", *args], cwd=project, stdout=out,
+                                stderr=err, env=flow_env(project, **(extra_env or {})), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=1800)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    res = subprocess.CompletedProcess(proc.args, rc, out_f.read_text(), err_f.read_text())
     if check and res.returncode != 0:
         raise AssertionError(f"flow failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
