@@ -36,7 +36,7 @@ run: $(STAMP)
 	$(BIN)/unlearn summary
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 serve: $(STAMP)
 	BIN=$(BIN) flows/serve.sh
