@@ -246,7 +246,11 @@ def audit(
 
 @app.command()
 @friendly_errors
-def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def summary(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    markdown: Annotated[bool, typer.Option(help="print a Markdown table (for a README or a PR)")] = False,
+) -> None:
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages
 
@@ -258,6 +262,11 @@ def summary(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> Non
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     header = ["model"] + cols
     table = [header] + [[r["model"]] + [_fmt(r.get(c)) for c in cols] for r in rows]
+    if markdown:
+        typer.echo("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for line in table[1:]:
+            typer.echo("| " + " | ".join(str(v) for v in line) + " |")
+        return
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     typer.echo("")
     for j, line in enumerate(table):
