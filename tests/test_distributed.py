@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent(
                    intermediate_size=64, max_position_embeddings=64)
     model = build_model(arch, tok, seed=0)  # same seed: identical initial weights on every rank
     enc = encode_many(tok, questions, answers, 48)
-    cfg = LoopCfg(epochs=6, batch_size=4, lr=3e-3, seed=0, desc="ddp test")
+    cfg = LoopCfg(epochs=6, batch_size=4, lr=3e-3, warmup_ratio=0.25, seed=0, desc="ddp test")
 
     def step_loss(m, batch):
         logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent(
         "rank": st.process_index, "world": st.num_processes, "env_rank": os.environ.get("RANK"),
         "env_world": os.environ.get("WORLD_SIZE"), "device": str(st.device), "backend": str(st.backend),
         "checksum": hashlib.sha256(flat.numpy().tobytes()).hexdigest(), "losses": [e["loss"] for e in log],
-        "steps": len(log), "seen": seen,
+        "steps": len(log), "seen": seen, "lrs": [e["lr"] for e in log],
     }
     (out / f"rank{st.process_index}.json").write_text(json.dumps(rec))
     '''
@@ -115,7 +115,10 @@ def _check(recs: list[dict]) -> None:
         assert sorted(i for b in shard for i in b) == list(range(16)), (e, shard)
     # ...and DDP's gradient all-reduce kept their weights identical.
     assert r0["checksum"] == r1["checksum"]
+    # One scheduler step per optimizer step (not one per rank): 12 steps, warm-up round(12 * 0.25) = 3.
+    by_hand = [3e-3 * f for f in [1 / 3, 2 / 3, 1.0] + [(12 - s) / 9 for s in range(3, 12)]]
     for r in recs:
+        assert r["lrs"] == pytest.approx(by_hand, rel=1e-12), (r["rank"], r["lrs"])
         first, last = r["losses"][0], r["losses"][-1]
         assert last < first, (r["rank"], r["losses"])
 
@@ -145,3 +148,115 @@ def test_torchrun_runs_two_cpu_ranks_in_sync(script: Path, tmp_path: Path):
         pytest.skip("torchrun is not installed next to this interpreter or on PATH")
     cmd = [launcher, "--nproc_per_node", "2", "--nnodes", "1", "--master_port", "29519", str(script), str(tmp_path)]
     _check(_run(cmd, tmp_path))
+
+
+# --------------------------------------------------------------------------- the forget stage, as a user runs it
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(kind: str, nproc: int, project: Path, out: Path, batch: int) -> subprocess.CompletedProcess:
+    """``unlearn forget --out OUT`` in the tiny project: plainly, under ``accelerate launch`` or ``torchrun``."""
+    port = str(_free_port())
+    cli = ["-m", "unlearn.cli", "forget", "--out", str(out), "--set", f"method.batch_size={batch}"]
+    if kind == "plain":
+        cmd = [sys.executable, *cli]
+    elif kind == "accelerate":  # the README's command
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if nproc > 1 else []),
+               "--num_processes", str(nproc), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", port, *cli]
+    else:  # torchrun is torch.distributed.run; `-m unlearn.cli` goes through its --module flag
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--nnodes", "1",
+               "--master_port", port, "--module", *cli[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               MASTER_ADDR="127.0.0.1")
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        env.pop(k, None)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=project)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish in 300s:\n{(e.stderr or '')[-3000:]}")
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
+    return res
+
+
+def _check_run(out: Path, world: int, n_rows: int) -> dict:
+    """What the run wrote: a loadable model with weights, and the world/shards it saw from inside."""
+    from unlearn.models.build import load_model
+
+    assert (out / "model.safetensors").stat().st_size > 10_000, f"no weights in {out}: {sorted(os.listdir(out))}"
+    model = load_model(out)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    reports = out.with_name(out.name + ".reports")
+    summary = json.loads((reports / "summary.json").read_text())
+    log = json.loads((reports / "loss.json").read_text())
+    assert summary["world_size"] == world, summary
+    ends = [e for e in log if "shard_rows" in e]
+    assert len(ends) == 2  # one per epoch (method.epochs: 2 in the tiny project)
+    for e in ends:  # every epoch: each rank took its part, together every row exactly once
+        assert len(e["shard_rows"]) == world and sum(e["shard_rows"]) == n_rows and e["rows_seen"] == n_rows, e
+    return {"summary": summary, "log": log}
+
+
+import torch  # noqa: E402  (after the script text, which must not import it at module level here)
+
+N_FORGET = 24  # tiny project: forget10 = 3 authors x 8 QA
+
+
+def test_forget_under_accelerate_launch_two_ranks_five_times(tiny_project: Path, tmp_path: Path):
+    """The README's multi-process command, five times in a row: never a failed save, always a real model."""
+    for i in range(5):
+        out = tmp_path / f"u{i}"
+        res = _launch("accelerate", 2, tiny_project, out, batch=8)
+        run = _check_run(out, world=2, n_rows=N_FORGET)
+        assert run["summary"]["steps"] == 4  # ceil(24 / (8 x 2)) = 2 steps per epoch, 2 epochs
+        assert res.stdout.count("unlearned model") == 1, res.stdout  # only rank 0 reports
+
+
+def test_forget_under_torchrun_two_ranks(tiny_project: Path, tmp_path: Path):
+    _launch("torchrun", 2, tiny_project, tmp_path / "u", batch=8)
+    _check_run(tmp_path / "u", world=2, n_rows=N_FORGET)
+
+
+def test_same_result_whatever_the_launcher(tiny_project: Path, tmp_path: Path):
+    """`unlearn forget` (batch 16), `accelerate launch` with 1 process (batch 16) and 2 ranks (batch 8 each).
+
+    The LR of every step must be identical (same global batches, same schedule). The models may differ only by
+    floating-point summation order: two ranks sum the per-row terms of a step in two halves and add them in
+    gloo's all-reduce, and matmuls over 8 rows block differently from 16 (~1e-7 relative per float32 sum).
+    Measured over the 4 Adam steps here: 1 process under accelerate = plain run bit for bit; 2 ranks differ by
+    4e-9 in forget probability, 2e-9 in retain probability and at most 7e-8 in any evaluation metric. The
+    test allows 1e-6 on the probabilities and 1e-5 (relative) on the metrics, a hundredfold margin, while a
+    real difference in data or schedule (one row seen twice, a halved LR) moves them by 1e-3 or more.
+    """
+    runs = {}
+    for name, kind, nproc, batch in (("plain", "plain", 1, 16), ("accelerate1", "accelerate", 1, 16),
+                                     ("ranks2", "accelerate", 2, 8)):
+        _launch(kind, nproc, tiny_project, tmp_path / name, batch)
+        runs[name] = _check_run(tmp_path / name, world=nproc, n_rows=N_FORGET)
+    lrs = {k: [e["lr"] for e in r["log"]] for k, r in runs.items()}
+    assert lrs["plain"] == lrs["accelerate1"] == lrs["ranks2"], lrs
+    assert [e["rows"] for e in runs["ranks2"]["log"]] == [e["rows"] for e in runs["plain"]["log"]] == [16, 8] * 2
+    base = runs["plain"]
+    for name in ("accelerate1", "ranks2"):
+        for key in ("forget_prob", "retain_prob"):
+            assert runs[name]["summary"][key] == pytest.approx(base["summary"][key], abs=1e-6), (name, key)
+        for e0, e1 in zip(base["log"], runs[name]["log"]):
+            for key in ("loss", "forget_loss", "retain_loss", "dipo_delta"):
+                assert e1[key] == pytest.approx(e0[key], rel=1e-5, abs=1e-6), (name, e0["step"], key)
+    # The evaluation metrics of the three models agree too.
+    metrics = {}
+    for name in runs:
+        res = subprocess.run([sys.executable, "-m", "unlearn.cli", "eval", str(tmp_path / name), "--name", name,
+                              "--out", str(tmp_path / f"eval_{name}")], capture_output=True, text=True,
+                             cwd=tiny_project, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / f"eval_{name}" / "metrics.json").read_text())
+    for name in ("accelerate1", "ranks2"):
+        for key, v in metrics["plain"].items():
+            if isinstance(v, float):
+                assert metrics[name][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, key)

@@ -41,6 +41,10 @@ def _params(params: Path, overrides: list[str] | None):
 
 def _setup(verbose: bool = False) -> None:
     from .stages import set_threads
+    from .train import distributed_state
+
+    # Before anything else asks "which rank am I": the first state made in a process decides the world size.
+    distributed_state()
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
@@ -172,7 +176,8 @@ def eval_(
 def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
     """Data validation gate (Great Expectations): check the splits of data.forget_split in data.out_dir (required
     columns not null, unique ids, forget/retain disjoint by row and author, sizes as in manifest.json, 5 (or 3)
-    perturbed answers, answer lengths). Writes <reports_dir>/validation/result.json; exit code 2 on failure."""
+    perturbed answers, answer lengths) and count the QA rows the model's tokenizer cuts at model.max_length (a
+    warning, not a failure). Writes <reports_dir>/validation/result.json; exit code 2 on failure."""
     _setup()
     from . import stages
     from .data.validate import ValidationFailed, result_path
@@ -187,8 +192,20 @@ def validate(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> No
     _print_table(
         f"data validation passed ({res['n_expectations']} expectations)",
         [(k, f"{v['rows']} rows, {v['expectations']} expectations") for k, v in res["checked"].items()]
-        + [("result", str(result_path(p)))],
+        + [("truncation", _truncation_line(res.get("truncation"))), ("result", str(result_path(p)))],
     )
+
+
+def _truncation_line(t: dict | None) -> str:
+    """One line for the validation table: rows cut at model.max_length (the warning itself is logged)."""
+    if not t:
+        return "n/a"
+    if not t.get("computed", True):
+        return f"not counted ({t.get('reason')})"
+    line = f"{t['truncated']} of {t['rows']} QA rows cut at model.max_length={t['max_length']}"
+    if t["truncated"] and t["suggested_max_length"] > t["max_length"]:
+        line += f" (WARNING: model.max_length={t['suggested_max_length']} would cut under 1 %)"
+    return line
 
 
 @app.command()

@@ -16,6 +16,12 @@ Conventions shared by every function here:
   token when it is outside the top-K, and one tail bucket holding all the
   remaining mass (see :func:`build_buckets` and ``docs/dipo.md``).
 * Reference tensors are always detached: gradients flow only through the policy.
+* Means take an optional denominator (``n_rows`` for per-example means,
+  ``n_tokens`` for per-answer-token means). The training loop passes the counts
+  of the *global* batch (all ranks, all micro-batches of the optimizer step), so
+  that each rank's value is its share of the global loss and the shares add up
+  to exactly what one process computes on the whole batch. ``None`` = the local
+  count (a plain mean).
 """
 
 from __future__ import annotations
@@ -45,35 +51,44 @@ Mask = Literal["topk", "gold"]
 # --------------------------------------------------------------------------- #
 
 
-def ga_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
     """Gradient ascent: minus the mean answer-token NLL over the batch."""
-    return -mean_nll(logits, labels)
+    return -mean_nll(logits, labels, n_tokens)
 
 
-def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
     """Retain NLL: mean answer-token NLL over the batch (the fine-tuning loss)."""
-    return mean_nll(logits, labels)
+    return mean_nll(logits, labels, n_tokens)
 
 
-def preference_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
+def batch_mean(values: torch.Tensor, n_rows: float | None = None) -> torch.Tensor:
+    """Mean of per-example values ``[B]``, over ``n_rows`` examples when given (the global batch)."""
+    return values.sum() / (values.numel() if n_rows is None else max(float(n_rows), 1.0))
+
+
+def preference_loss(margin: torch.Tensor, beta: float, n_rows: float | None = None) -> torch.Tensor:
     """Bradley-Terry loss with open-unlearning's scaling: ``-(2/beta) * mean logsigmoid(margin)``.
 
     ``margin`` already contains ``beta``; every preference-style loss here (NPO,
     SimNPO, DPO, DiPO) is this function of its own margin.
     """
-    return -(2.0 / beta) * F.logsigmoid(margin).mean()
+    return -(2.0 / beta) * batch_mean(F.logsigmoid(margin), n_rows)
 
 
-def npo_loss(policy_seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float) -> torch.Tensor:
+def npo_loss(
+    policy_seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float, n_rows: float | None = None
+) -> torch.Tensor:
     """NPO: ``-(2/beta) * mean logsigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))``.
 
     Sequence log-probs are SUMS of answer-token log-probs ``[B]``.
     """
     ratio = policy_seq_logp.float() - ref_seq_logp.detach().float()
-    return preference_loss(-beta * ratio, beta)
+    return preference_loss(-beta * ratio, beta, n_rows)
 
 
-def simnpo_loss(policy_seq_logp: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float) -> torch.Tensor:
+def simnpo_loss(
+    policy_seq_logp: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float, n_rows: float | None = None
+) -> torch.Tensor:
     """SimNPO, open-unlearning's convention.
 
     ``-(2/beta) * mean logsigmoid(beta * (NLL(y|x)/|y| - delta))``
@@ -82,7 +97,7 @@ def simnpo_loss(policy_seq_logp: torch.Tensor, lengths: torch.Tensor, beta: floa
     and the authors' code); the paper's gamma equals ``beta * delta``.
     """
     n = lengths.to(policy_seq_logp.device).float().clamp(min=1)
-    return preference_loss(beta * (-policy_seq_logp.float() / n - delta), beta)
+    return preference_loss(beta * (-policy_seq_logp.float() / n - delta), beta, n_rows)
 
 
 def dpo_loss(
@@ -91,12 +106,13 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    n_rows: float | None = None,
 ) -> torch.Tensor:
     """DPO with open-unlearning's ``2/beta`` scaling:
     ``-(2/beta) * mean logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r)))``."""
     chosen = pol_chosen.float() - ref_chosen.detach().float()
     rejected = pol_rejected.float() - ref_rejected.detach().float()
-    return preference_loss(beta * (chosen - rejected), beta)
+    return preference_loss(beta * (chosen - rejected), beta, n_rows)
 
 
 # --------------------------------------------------------------------------- #
@@ -225,8 +241,9 @@ def build_buckets(
     return Buckets(policy=policy, ref=ref, mask=mask, gold=gold, n_ranked=n_ranked, exact=exact)
 
 
-def _mean_over_answers(per_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (per_pos * mask).sum() / mask.sum().clamp(min=1)
+def _mean_over_answers(per_pos: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+    denom = mask.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
+    return (per_pos * mask).sum() / denom
 
 
 # --------------------------------------------------------------------------- #
@@ -240,6 +257,7 @@ def kl_retain_loss(
     ref_ids: torch.Tensor | None,
     ref_logp: torch.Tensor,
     ref_label_logp: torch.Tensor | None = None,
+    n_tokens: float | None = None,
 ) -> torch.Tensor:
     """Mean over answer positions of KL(pi_ref || pi_theta) (bucket space when ``ref_ids`` is given).
 
@@ -248,7 +266,7 @@ def kl_retain_loss(
     """
     b = build_buckets(policy_logits, labels, ref_ids, ref_logp, ref_label_logp)
     kl = (b.ref.exp() * (b.ref - b.policy)).sum(-1)
-    return _mean_over_answers(kl, b.mask)
+    return _mean_over_answers(kl, b.mask, n_tokens)
 
 
 def undial_loss(
@@ -258,6 +276,7 @@ def undial_loss(
     ref_logp: torch.Tensor,
     beta: float,
     ref_label_logp: torch.Tensor | None = None,
+    n_tokens: float | None = None,
 ) -> torch.Tensor:
     """UNDIAL self-distillation: target q_t = softmax(ref logits - beta * onehot(y_t));
     loss = mean over answer positions of KL(q_t || pi_theta).
@@ -269,7 +288,7 @@ def undial_loss(
     b = build_buckets(policy_logits, labels, ref_ids, ref_logp, ref_label_logp, need_gold=True)
     q = (b.ref - beta * b.gold.float()).log_softmax(-1)
     kl = (q.exp() * (q - b.policy)).sum(-1)
-    return _mean_over_answers(kl, b.mask)
+    return _mean_over_answers(kl, b.mask, n_tokens)
 
 
 def dipo_delta(

@@ -95,7 +95,7 @@ def _retain_term(model, batch: dict, cfg: MethodCfg) -> torch.Tensor | None:
     part = batch["retain"]
     logits = _logits(model, part)
     if cfg.retain_loss == "nll":
-        return losses.nll_loss(logits, part["labels"])
+        return losses.nll_loss(logits, part["labels"], part.get("n_tokens"))
     dev = logits.device
     return losses.kl_retain_loss(
         logits,
@@ -103,6 +103,7 @@ def _retain_term(model, batch: dict, cfg: MethodCfg) -> torch.Tensor | None:
         _ref(batch, "retain_topk_ids", dev),
         _ref(batch, "retain_topk_logp", dev),
         _ref(batch, "retain_label_logp", dev, optional=True),
+        n_tokens=part.get("n_tokens"),
     )
 
 
@@ -135,20 +136,25 @@ def _forget_seq_logp(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- #
 
 
+def _rows(batch: dict) -> float | None:
+    """Rows of the global forget batch (the loop's denominator; None outside the loop = local mean)."""
+    return batch["forget"].get("n_rows")
+
+
 def _ga(model, batch, cfg):
     part = batch["forget"]
-    return _finish(losses.ga_loss(_logits(model, part), part["labels"]), None, cfg)
+    return _finish(losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens")), None, cfg)
 
 
 def _graddiff(model, batch, cfg):
     part = batch["forget"]
-    forget = losses.ga_loss(_logits(model, part), part["labels"])
+    forget = losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens"))
     return _finish(forget, _retain_term(model, batch, cfg), cfg)
 
 
 def _npo_forget(model, batch, cfg):
     pol, _ = _forget_seq_logp(model, batch)
-    return losses.npo_loss(pol, _ref(batch, "seq_logp", pol.device), cfg.npo.beta)
+    return losses.npo_loss(pol, _ref(batch, "seq_logp", pol.device), cfg.npo.beta, _rows(batch))
 
 
 def _npo(model, batch, cfg):
@@ -161,7 +167,7 @@ def _npo_rt(model, batch, cfg):
 
 def _simnpo(model, batch, cfg):
     pol, n = _forget_seq_logp(model, batch)
-    forget = losses.simnpo_loss(pol, n, cfg.simnpo.beta, cfg.simnpo.delta)
+    forget = losses.simnpo_loss(pol, n, cfg.simnpo.beta, cfg.simnpo.delta, _rows(batch))
     return _finish(forget, _retain_term(model, batch, cfg), cfg, forget_weight=cfg.simnpo.forget_weight)
 
 
@@ -171,7 +177,7 @@ def _dpo_idk(model, batch, cfg):
     pol_r, _ = _forget_seq_logp(model, batch)
     dev = pol_r.device
     forget = losses.dpo_loss(
-        pol_c, pol_r, _ref(batch, "idk_seq_logp", dev), _ref(batch, "seq_logp", dev), cfg.dpo.beta
+        pol_c, pol_r, _ref(batch, "idk_seq_logp", dev), _ref(batch, "seq_logp", dev), cfg.dpo.beta, _rows(batch)
     )
     return _finish(forget, _retain_term(model, batch, cfg), cfg)
 
@@ -187,6 +193,7 @@ def _undial(model, batch, cfg):
         _ref(batch, "topk_logp", dev),
         cfg.undial.beta,
         _ref(batch, "label_logp", dev, optional=True),
+        n_tokens=part.get("n_tokens"),
     )
     return _finish(forget, _retain_term(model, batch, cfg), cfg)
 
@@ -205,8 +212,8 @@ def _dipo_forget_term(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.
     delta = losses.dipo_delta(
         logits, part["labels"], ids, ref_logp, k=d.k, gamma=d.gamma, beta=d.beta, mask=d.mask, ref_label_logp=ref_label
     )
-    forget = losses.preference_loss(delta, d.beta)
-    return forget, {"dipo_delta": delta.mean()}
+    forget = losses.preference_loss(delta, d.beta, _rows(batch))
+    return forget, {"dipo_delta": losses.batch_mean(delta, _rows(batch))}
 
 
 def _dipo(model, batch, cfg):

@@ -39,10 +39,15 @@ def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return logp.sum(-1), mask.sum(-1)
 
 
-def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean answer-token NLL over the whole batch (the fine-tuning loss)."""
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+    """Mean answer-token NLL over the whole batch (the fine-tuning loss).
+
+    ``n_tokens``: the answer tokens of the global batch (all ranks and micro-batches of
+    the optimizer step, see :mod:`unlearn.train`); the value is then this batch's share.
+    """
     logp, mask = token_logprobs(logits, labels)
-    return -(logp.sum() / mask.sum().clamp(min=1))
+    denom = mask.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
+    return -(logp.sum() / denom)
 
 
 @torch.no_grad()
