@@ -5,22 +5,34 @@
 
 Prints ONE table, measured in one run on one machine:
 
-* DiPO with the reference cache (``reference="cache"``), without it (a live
-  reference forward every step, top-K like the cache: ``live``), and with the
-  exact full-vocabulary live reference (``exact``);
-* every registered method (``METHODS``) with the cache (methods that need no
-  reference quantity run without one).
+* for each reference-using configuration in ``PAIRS`` (DiPO with retain NLL,
+  DiPO with retain KL, DiPO-Forget, NPO), a step with the reference cache
+  (``reference="cache"``) and one with a live reference forward every step
+  (``live``, top-K like the cache, only the forwards the method needs), the
+  measured live/cache ratio and the ratio the arithmetic predicts;
+* DiPO with the exact full-vocabulary live reference (``exact``);
+* every other registered method (``METHODS``) with the cache (methods that need
+  no reference quantity run without one).
+
+The prediction: a forward costs about 1/3 of a forward + backward, so with
+F = 3 units per batch part the policy trains on (forget, plus retain / idk when
+the method ``needs`` them) and R = 1 unit per reference forward the method needs
+(:func:`unlearn.cache.reference_forward_parts`), live/cache = (F + R) / F. It
+leaves out what is not a forward: the optimizer step and the loss arithmetic
+(cheap on the cache path; a full-vocabulary log-softmax + top-K on the live one).
 
 Each variant runs in a fresh subprocess (this script with ``--variant``) so
 that its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, a per-process
 high-water mark) is its own. The subprocess calls ``stages.forget`` exactly as
 ``unlearn forget`` does: same batches (``make_batch``), same loss adapters,
-same ``train_loop``. An ``on_log`` callback timestamps every optimizer step and
+same ``train_loop``. An ``on_log`` callback timestamps every optimizer step (wall
+clock and the process's CPU time, ``time.process_time``: on a shared machine the
+CPU time leaves out the waits for a core, so its ratios are the steadier) and
 stops the run (by raising) once ``--steps`` step intervals are measured, so
 nothing is saved. Intervals that cross an epoch boundary (they include the
 per-epoch checkpoint) are not counted, nor is the first step (warm-up). The
-reference cache is built (or verified) once in the parent before any timing,
-so no variant pays for it. Output model, checkpoints and reports go to a
+reference caches are built (or verified) once in the parent before any timing,
+so no variant pays for them. Output model, checkpoints and reports go to a
 temporary directory, never to ``models/`` or ``reports/``.
 
 Numbers are comparative within one run: the machine may be shared.
@@ -72,6 +84,28 @@ class _Done(Exception):
     """Raised from on_log once enough steps are timed: ends the run before any save."""
 
 
+# (row label, method, params overrides): each runs with the cache and live.
+PAIRS: list[tuple[str, str, tuple[str, ...]]] = [
+    ("dipo", "dipo", ()),
+    ("dipo (retain kl)", "dipo", ("method.retain_loss=kl", "cache.retain=true")),
+    ("dipo_forget", "dipo_forget", ()),
+    ("npo", "npo", ()),
+]
+
+
+def policy_parts(needs: frozenset[str]) -> tuple[str, ...]:
+    """The batch parts the policy runs forward + backward on: forget always, retain / idk when needed."""
+    return ("forget",) + tuple(part for part in ("retain", "idk") if part in needs)
+
+
+def predicted_live_over_cache(needs: frozenset[str]) -> float:
+    """(F + R) / F with F = 3 units per policy part (forward + backward) and R = 1 per reference forward."""
+    from unlearn.cache import reference_forward_parts
+
+    f = 3 * len(policy_parts(needs))
+    return (f + len(reference_forward_parts(needs))) / f
+
+
 # --------------------------------------------------------------------------- child: one variant
 def run_variant(args) -> dict:
     import torch
@@ -93,17 +127,20 @@ def run_variant(args) -> dict:
     epochs = math.ceil(args.steps / (per_epoch - 1)) + 1
     p = _params(args, [f"method.name={method}", f"method.epochs={epochs}", "method.checkpoint_every=0",
                        f"reports_dir={tmp / 'reports'}"])
-    needs_ref = bool(get_method(method).needs_for(p.method) & stages.REF_NEEDS)
+    needs = get_method(method).needs_for(p.method)
+    needs_ref = bool(needs & stages.REF_NEEDS)
 
-    stamps: list[tuple[float, int]] = []
+    stamps: list[tuple[float, float, int]] = []
     intervals: list[float] = []
+    cpu_intervals: list[float] = []
     peak_at_stop: list[float] = []
 
     def on_log(entry: dict) -> None:
-        now = time.perf_counter()
-        if stamps and stamps[-1][1] == entry["epoch"]:
+        now, cpu = time.perf_counter(), time.process_time()
+        if stamps and stamps[-1][2] == entry["epoch"]:
             intervals.append(now - stamps[-1][0])
-        stamps.append((now, entry["epoch"]))
+            cpu_intervals.append(cpu - stamps[-1][1])
+        stamps.append((now, cpu, entry["epoch"]))
         if len(intervals) >= args.steps:
             peak_at_stop.append(_peak_mib())
             raise _Done
@@ -128,7 +165,9 @@ def run_variant(args) -> dict:
         "step_ms_min": 1e3 * min(intervals), "steps_per_s": 1.0 / med,
         "peak_rss_mib": peak_at_stop[0] if peak_at_stop else _peak_mib(), "rss_before_mib": rss0,
         "peak_before_mib": peak0, "wall_s": wall, "torch_threads": torch.get_num_threads(),
-        "batch_size": p.method.batch_size, "intervals_s": intervals,
+        "batch_size": p.method.batch_size, "intervals_s": intervals, "cpu_intervals_s": cpu_intervals,
+        "step_cpu_ms_median": 1e3 * statistics.median(cpu_intervals), "needs": sorted(needs),
+        "predicted_live_over_cache": predicted_live_over_cache(needs),
     }
 
 
@@ -167,18 +206,20 @@ def machine_header(args) -> list[str]:
     ]
 
 
-def warm_caches(args) -> None:
+def warm_caches(args, variants) -> None:
     """Build/verify every reference cache a variant will look up, before any timing."""
     from unlearn import stages
     from unlearn.methods.registry import METHODS
 
     done = set()
-    for name in METHODS:
-        p = _params(args, [f"method.name={name}"])
-        needs = METHODS[name].needs_for(p.method)
+    for _, method, reference, extra in variants:
+        if reference != "cache":
+            continue
+        p = _params(args, [f"method.name={method}", *extra])
+        needs = METHODS[method].needs_for(p.method)
         if not needs & stages.REF_NEEDS:
             continue
-        with_retain = stages._needs_retain_topk(p, needs)
+        with_retain = stages._needs_retain_topk(p, needs) or p.cache.retain
         if with_retain not in done:
             stages.build_cache(p, args.model, with_retain=with_retain)
             done.add(with_retain)
@@ -230,50 +271,67 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {list(METHODS)}")
     header = machine_header(args)
-    warm_caches(args)
-    variants = [("dipo", "cache"), ("dipo", "live"), ("dipo", "exact")]
-    variants += [(m, "cache") for m in methods if m != "dipo"]
+    # (label, method, reference, extra overrides)
+    variants = [(label, m, ref, extra) for label, m, extra in PAIRS for ref in ("cache", "live")]
+    variants.append(("dipo", "dipo", "exact", ()))
+    paired = {m for _, m, extra in PAIRS if not extra}
+    variants += [(m, m, "cache", ()) for m in methods if m not in paired]
+    warm_caches(args, variants)
 
-    runs: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
+    runs: dict[tuple[str, str], list[dict]] = {(label, ref): [] for label, _, ref, _ in variants}
     with tempfile.TemporaryDirectory() as td:
         # Round-robin over the variants, so that a burst of load on a shared machine hits them alike.
-        for rnd, (method, ref) in ((r, v) for r in range(args.rounds) for v in variants):
-            out = Path(td) / f"{method}-{ref}-{rnd}.json"
+        for rnd, (label, method, ref, extra) in ((r, v) for r in range(args.rounds) for v in variants):
+            out = Path(td) / f"{len(os.listdir(td))}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", f"{method}:{ref}", "--out", str(out),
                    "--params", args.params, "--model", args.model, "--steps", str(args.steps),
                    "--threads", str(args.threads)]
-            for s in args.set or []:
+            for s in list(args.set or []) + list(extra):
                 cmd += ["--set", s]
-            print(f"round {rnd + 1}/{args.rounds}: {method} [{ref}] ...", file=sys.stderr, flush=True)
+            print(f"round {rnd + 1}/{args.rounds}: {label} [{ref}] ...", file=sys.stderr, flush=True)
             res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             if res.returncode != 0:
                 print(res.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"variant {method}:{ref} failed ({res.returncode})")
-            runs[(method, ref)].append(json.loads(out.read_text()))
+                raise SystemExit(f"variant {label}:{ref} failed ({res.returncode})")
+            runs[(label, ref)].append(dict(json.loads(out.read_text()), label=label))
 
     rows = []
     for rs in runs.values():
         iv = [x for r in rs for x in r["intervals_s"]]
+        cpu_iv = [x for r in rs for x in r["cpu_intervals_s"]]
         med = statistics.median(iv)
-        rows.append(dict(rs[0], steps=len(iv), step_ms_median=1e3 * med, step_ms_mean=1e3 * statistics.fmean(iv),
-                         step_ms_min=1e3 * min(iv), steps_per_s=1.0 / med,
+        rows.append(dict(rs[0], intervals_s=iv, cpu_intervals_s=cpu_iv, steps=len(iv), step_ms_median=1e3 * med,
+                         step_ms_mean=1e3 * statistics.fmean(iv), step_ms_min=1e3 * min(iv), steps_per_s=1.0 / med,
+                         step_cpu_ms_median=1e3 * statistics.median(cpu_iv),
                          peak_rss_mib=max(r["peak_rss_mib"] for r in rs),
                          rss_before_mib=statistics.median(r["rss_before_mib"] for r in rs)))
 
+    cached = {r["label"]: r for r in rows if r["reference"] == "cache"}
     base = rows[0]["step_ms_median"]
-    head = ("method", "reference", "steps", "step ms (median)", "step ms (min)", "steps/s", "x dipo/cache",
-            "peak RSS MiB", "delta RSS MiB")
+    head = ("method", "reference", "steps", "step ms (median)", "step CPU ms (median)", "steps/s", "x dipo/cache",
+            "live/cache wall", "live/cache CPU", "live/cache predicted", "peak RSS MiB", "delta RSS MiB")
     ref_name = {"cache": "cache (top-K)", "live": "live top-K", "exact": "live exact (full V)", "-": "- (none needed)"}
     table = []
     for r in rows:
-        table.append((r["method"], ref_name[r["reference"]], str(r["steps"]), f"{r['step_ms_median']:.1f}",
-                      f"{r['step_ms_min']:.1f}", f"{r['steps_per_s']:.2f}", f"{r['step_ms_median'] / base:.2f}",
-                      f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f}"))
+        live = r["reference"] in ("live", "exact") and r["label"] in cached
+        c = cached.get(r["label"])
+        ratio_wall = f"{r['step_ms_median'] / c['step_ms_median']:.2f}" if live else ""
+        ratio_cpu = f"{r['step_cpu_ms_median'] / c['step_cpu_ms_median']:.2f}" if live else ""
+        predicted = f"{r['predicted_live_over_cache']:.2f}" if live else ""
+        table.append((r["label"], ref_name[r["reference"]], str(r["steps"]), f"{r['step_ms_median']:.1f}",
+                      f"{r['step_cpu_ms_median']:.1f}", f"{r['steps_per_s']:.2f}", f"{r['step_ms_median'] / base:.2f}",
+                      ratio_wall, ratio_cpu, predicted, f"{r['peak_rss_mib']:.0f}",
+                      f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f}"))
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print()
     for line in header:
         print(line)
     print(f"torch threads in the runs: {rows[0]['torch_threads']}")
+    print("live/cache wall | CPU: the row's median step time over the same configuration's cache row, in wall-clock "
+          "time and in this process's CPU time (time.process_time: on a shared machine it leaves out the time the "
+          "process waited for a core)")
+    print("live/cache predicted = (F + R) / F: F = 3 x policy batch parts (forward + backward), "
+          "R = reference forwards the method needs")
     print()
     print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -7,6 +7,7 @@ P=(--params configs/tofu_real.yaml)
 U=${UNLEARN:-.venv/bin/unlearn}
 $U prepare "${P[@]}"
 $U tokenizer "${P[@]}"
+$U validate "${P[@]}"   # the gate, and the rows cut at model.max_length (reports/tofu_real/validation/result.json)
 $U finetune --role retain "${P[@]}"
 $U finetune --role target "${P[@]}"
 $U forget "${P[@]}"

@@ -48,13 +48,13 @@ PROJECT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- cache keys
 def _fingerprint(path: Path) -> str:
     """Content identity of a stage input: a model's weights hash, a data dir's manifest, a file's sha256."""
+    from unlearn.cache import model_hash
     from unlearn.io import sha256_file
-    from unlearn.models.build import weights_hash
 
     if path.is_dir() and (path / "manifest.json").exists():
         return stable_hash(read_json(path / "manifest.json"))
     if path.is_dir() and (list(path.glob("*.safetensors")) or list(path.glob("*.bin"))):
-        return weights_hash(path)
+        return model_hash(path)  # weights and config.json
     if path.is_file():
         return sha256_file(path)
     return "missing"
@@ -87,10 +87,14 @@ def _io(stage: str, p: Params, parameters: dict[str, Any]) -> tuple[list[Path], 
     """(inputs, outputs, relevant parameters) of a stage: what its cache key covers."""
     data = Path(p.data.out_dir)
     role = parameters.get("role")
+    # The trained tokenizer (none with model.path: the checkpoint's own comes with it), as in dvc.yaml.
+    tok = [] if p.model.path else [stages.tokenizer_dir(p) / "tokenizer.json"]
+    if stage == "tokenizer":
+        return [data], [stages.tokenizer_dir(p)] if tok else [], [p.model.path, p.model.tokenizer.model_dump()]
     if stage == "finetune":
         out = Path(parameters.get("out_dir") or stages.model_dir(p, role))
         cfg = [role, p.seed, p.model.model_dump(), p.finetune.model_dump(), p.data.forget_split]
-        return [data], [out], cfg
+        return [data, *tok], [out], cfg
     if stage == "reference-cache":
         target = Path(parameters.get("target_dir") or stages.model_dir(p, "target"))
         return [data, target], [Path(p.cache.dir)], [p.seed, p.model.max_length, p.data.forget_split, p.cache.model_dump()]
@@ -107,6 +111,15 @@ def prepare_task(params_path: str, overrides: list[str] | None) -> dict:
     p = _p(params_path, overrides)
     out = stages.prepare(p)
     return read_json(out / "manifest.json")
+
+
+@task(name="tokenizer", cache_key_fn=stage_cache_key, persist_result=True)
+def tokenizer_task(params_path: str, overrides: list[str] | None) -> str | None:
+    """Train the BPE tokenizer (before validate, which counts the rows it cuts); nothing with model.path."""
+    p = _p(params_path, overrides)
+    if p.model.path:
+        return None
+    return str(stages.build_tokenizer(p))
 
 
 @task(name="validate")
@@ -157,10 +170,14 @@ def register_task(params_path: str, overrides: list[str] | None, request_ids: li
 
 # --------------------------------------------------------------------------- flows
 def tofu_pipeline(params_path: str, overrides: list[str], request_ids: list[str] | None = None) -> dict:
-    """prepare -> validate -> finetune target, retain -> reference cache -> forget -> evaluate -> register."""
+    """prepare -> tokenizer -> validate -> finetune target, retain -> reference cache -> forget -> evaluate -> register.
+
+    The order of dvc.yaml: the tokenizer comes before the gate, which counts the rows it cuts.
+    """
     log = get_run_logger()
     p = _p(params_path, overrides)
     prepare_task(params_path, overrides)
+    run_cached(tokenizer_task, params_path, overrides)
     validate_task(params_path, overrides)
     target = run_cached(finetune_task, params_path, overrides, "target")
     retain = run_cached(finetune_task, params_path, overrides, "retain")
@@ -243,6 +260,7 @@ def requests_pipeline(params_path: str, overrides: list[str]) -> dict:
     log = get_run_logger()
     base = _p(params_path, overrides)
     prepare_task(params_path, overrides)
+    run_cached(tokenizer_task, params_path, overrides)
     validate_task(params_path, overrides)
     pending = intake_task(params_path, overrides)
     if not pending:

@@ -327,6 +327,58 @@ def test_missing_split_and_generation_cap(model, tok):
     assert "first 1 of 4" in res.notes["forget_rouge"]
 
 
+def hand_len(question: str, text: str) -> int:
+    """Tokens of '[BOS] Question : <question words> Answer : <text words> [EOS]' under the word-level tokenizer."""
+    return 5 + len(question.split()) + len(text.split()) + 1
+
+
+def hand_cut(rows, fields, max_length):
+    """{field: (rows, rows longer than max_length)} counted by hand."""
+    out = {}
+    for f in fields:
+        pairs = [(r["question"], t) for r in rows
+                 for t in ((r.get(f) or []) if f == "perturbed_answer" else [r.get(f)]) if t]
+        if pairs:
+            out[f] = (len(pairs), sum(hand_len(q, t) > max_length for q, t in pairs))
+    return out
+
+
+def test_notes_carry_truncation_counts(result):
+    """Every evaluation says, per split, how many scored rows max_length cut (here: none)."""
+    for role, name in result.roles.items():
+        assert result.notes[f"{role}_truncation"].startswith(f"{name} at max_length {MAXLEN}: answer 0/")
+        assert "WARNING" not in result.notes[f"{role}_truncation"]
+    assert result.truncation["max_length"] == MAXLEN and result.truncation["truncated"] == 0
+
+
+def test_truncated_rows_are_counted_warned_and_keep_eos(model, tok, P, caplog):
+    L = 13  # cuts the 14-token forget answers of rows 0 and 3, and longer paraphrases / perturbed answers
+    with caplog.at_level("WARNING", logger="unlearn"):
+        res = evaluate_model(model, tok, SPLITS, forget_split="forget10_perturbed", max_length=L, cfg=CFG,
+                             retain_truth_ratios=None, progress=False)
+    full_fields = ("answer", "paraphrased_answer", "perturbed_answer")
+    for name, rows in SPLITS.items():
+        fields = full_fields if name in ("forget10_perturbed", "retain_perturbed") else ("answer", "perturbed_answer")
+        got = {f: (c["rows"], c["truncated"]) for f, c in res.truncation["splits"][name].items()}
+        assert got == hand_cut(rows, fields, L), name
+    forget = res.truncation["splits"]["forget10_perturbed"]
+    assert forget["answer"]["truncated"] == 2 and forget["answer"]["percent"] == 50.0
+    note = res.notes["forget_truncation"]
+    assert note.startswith(f"forget10_perturbed at max_length {L}: answer 2/4 cut (50.00 %)") and "WARNING" in note
+    n_all = sum(n for name, rows in SPLITS.items() for n, _ in hand_cut(rows, full_fields, 10**6).values())
+    assert res.truncation["rows"] == n_all
+    warned = [r.getMessage() for r in caplog.records if r.levelno == 30]
+    assert len(warned) == 1 and "forget10_perturbed answer 50.00 % (2/4)" in warned[0], warned
+    longest = max(hand_len(r["question"], t) for rows in SPLITS.values() for r in rows
+                  for t in [r["answer"], r.get("paraphrased_answer") or "", *r["perturbed_answer"]])
+    assert res.truncation["suggested_max_length"] == longest  # < 100 rows per field: only 0 cut is under 1 %
+    # Row 0 (prompt 10 tokens, room 3): scored on 'alpha beta' + EOS, not on 'alpha beta gamma' without EOS.
+    rec = res.per_example["forget10_perturbed"][0]
+    assert rec["answer_prob"] == pytest.approx(hand_prob(P, "alpha beta"), rel=1e-6)
+    assert res.per_example["forget10_perturbed"][1]["answer_prob"] == pytest.approx(
+        hand_prob(P, FORGET[1]["answer"]), rel=1e-6)  # 13 tokens: fits exactly, not cut
+
+
 def test_report(tmp_path, result):
     files = write_report(result, tmp_path, title="Test <report>", retain_truth_ratios=np.array([0.5, 1.0, 2.0]),
                          target_generations={0: "target <says> & so", 1: "x"}, n_examples=3)
@@ -385,6 +437,11 @@ def test_evaluate_dir(tmp_path, llama_dir):
     for f in ("report.md", "report.html", "truth_ratio_hist.png", "notes.json"):
         assert (out / f).exists()
     assert list((llama_dir / REFERENCE_DIRNAME).glob("*.json"))
+    notes = json.loads((out / "notes.json").read_text())
+    assert notes["forget_truncation"] == res.notes["forget_truncation"]
+    assert notes["forget_truncation"].startswith(f"forget10_perturbed at max_length {MAXLEN}: answer 0/4 cut")
+    assert "forget_truncation" in (out / "report.md").read_text()
+    assert "forget10_perturbed at max_length" in (out / "report.html").read_text()
     # No retain model: forget quality None, with the reason written out.
     out2 = tmp_path / "eval2"
     res2 = evaluate_dir(llama_dir, splits=SPLITS, forget_split="forget10_perturbed", max_length=MAXLEN, cfg=cfg,

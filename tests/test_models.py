@@ -7,7 +7,7 @@ import torch
 
 from unlearn.config import ArchCfg
 from unlearn.models.build import build_model, load_model, load_tokenizer, save_model, train_tokenizer, weights_hash
-from unlearn.models.formatting import IGNORE, collate, encode_many, encode_qa
+from unlearn.models.formatting import IGNORE, collate, count_truncated, encode_many, encode_qa, qa_lengths
 from unlearn.models.scoring import mean_nll
 from unlearn.train import LoopCfg, train_loop
 
@@ -49,8 +49,44 @@ def test_encode_qa_masks_prompt_and_appends_eos(tok):
     assert answer[-1] == tok.eos_token_id
     assert tok.decode(answer[:-1]) == " Jane Austen"
     assert e.input_ids[n_prompt:] == answer  # labels equal inputs on the answer
+    assert e.truncated is False
     short = encode_qa(tok, "Who wrote 'Pride and Prejudice'?", "Jane Austen " * 20, max_length=n_prompt + 3)
     assert len(short.input_ids) == n_prompt + 3 and sum(1 for x in short.labels if x != IGNORE) == 3
+    assert short.truncated is True and short.labels[-1] == tok.eos_token_id
+
+
+def test_encode_qa_keeps_eos_when_cutting(tok):
+    """A cut answer keeps its first answer tokens and ends in EOS (the old code cut the EOS off)."""
+    q, a = "Who wrote 'Pride and Prejudice'?", "Jane Austen wrote it in Lisbon, Portugal. " * 4
+    prompt = tok(f"Question: {q}\nAnswer:", add_special_tokens=True)["input_ids"]
+    answer = tok(" " + a.strip(), add_special_tokens=False)["input_ids"]
+    full = len(prompt) + len(answer) + 1
+    exact = encode_qa(tok, q, a, max_length=full)  # fits exactly: nothing cut
+    assert exact.truncated is False and exact.input_ids == prompt + answer + [tok.eos_token_id]
+    for L in (full - 1, len(prompt) + 5, len(prompt) + 2):
+        e = encode_qa(tok, q, a, max_length=L)
+        room = L - len(prompt)
+        assert e.truncated is True and len(e.input_ids) == L
+        assert e.input_ids == prompt + answer[: room - 1] + [tok.eos_token_id], L
+        assert e.labels == [IGNORE] * len(prompt) + answer[: room - 1] + [tok.eos_token_id]
+    # The prompt alone fills max_length: it is cut, one answer token and EOS stay.
+    e = encode_qa(tok, q, a, max_length=4)
+    assert e.truncated is True and e.input_ids == prompt[:2] + answer[:1] + [tok.eos_token_id]
+    assert e.labels[-2:] == [answer[0], tok.eos_token_id]
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        encode_qa(tok, q, a, max_length=1)
+
+
+def test_qa_lengths_and_count_truncated_agree_with_encode_qa(tok):
+    qs = [q for q, _ in QA] * 2
+    ans = [a for _, a in QA] + [a + " " + a for _, a in QA]
+    lengths = qa_lengths(tok, qs, ans)
+    assert lengths == [len(encode_qa(tok, q, a, max_length=4096).input_ids) for q, a in zip(qs, ans)]
+    for L in sorted(set(lengths)) + [min(lengths) - 1, max(lengths) + 1]:
+        cut = [encode_qa(tok, q, a, L).truncated for q, a in zip(qs, ans)]
+        assert count_truncated(tok, qs, ans, L) == sum(cut) == sum(n > L for n in lengths)
+    with pytest.raises(ValueError, match="questions but"):
+        qa_lengths(tok, qs, ans[:-1])
 
 
 def _train(tok, seed: int, epochs: int = 8, ckpt=None, fail_at: int | None = None):

@@ -195,7 +195,8 @@ def test_register_stage_run_contents(store, model_dir, report_dir, tmp_path, mon
     write_json(ev / "metrics.json", {"forget_quality": 0.5, "model_utility": 0.58, "forget_prob": 0.01,
                                      "forget_rouge": None})
     write_json(rdir / "eval" / "target" / "metrics.json", TARGET)
-    write_json(rdir / "forget" / "loss.json", LOSS_LOG)
+    # The loss log lives with the run that wrote the model (an --out run: <model>.reports/).
+    write_json(stages.run_reports_dir(p, model_dir, stages.model_dir(p, "unlearned"), "forget") / "loss.json", LOSS_LOG)
 
     d = stages.register(p, model_path=model_dir, request_ids=["req-7", "req-9"])
     assert d == read_json(rdir / "register" / "decision.json")

@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
-from unlearn.config import DataCfg, Params
+from unlearn.config import DataCfg, ModelCfg, Params
 from unlearn.data.splits import dumps_rows, write_splits
 from unlearn.data.synthetic import generate_tofu
 from unlearn.data.validate import ValidationFailed, ValidationReport, gate_splits, run_validation, validate_splits_gx
@@ -45,8 +46,10 @@ def _only(report: ValidationReport, split: str, expectation: str, column: str | 
     return hits[0]
 
 
-def _params(tmp_path: Path, out_dir: Path) -> Params:
-    return Params(reports_dir=str(tmp_path / "reports"), data=DataCfg(out_dir=str(out_dir), forget_split=FORGET))
+def _params(tmp_path: Path, out_dir: Path, **model) -> Params:
+    """Everything under ``tmp_path`` (model.out_dir too: no tokenizer of the repository's own models/ is read)."""
+    return Params(reports_dir=str(tmp_path / "reports"), data=DataCfg(out_dir=str(out_dir), forget_split=FORGET),
+                  model=ModelCfg(out_dir=str(tmp_path / "models"), **model))
 
 
 def test_clean_splits_pass(clean):
@@ -241,3 +244,97 @@ def test_cli_exit_code_and_report(bad_on_disk, tmp_path):
     assert result.exit_code == 2, result.output
     assert "FAILED" in result.output and "expect_column_values_to_be_unique" in result.output and dup in result.output
     assert (tmp_path / "reports" / "validation" / "result.json").is_file()
+
+
+# --------------------------------------------------------------------------- truncation section
+@pytest.fixture(scope="module")
+def small_tok(clean):
+    """A 300-token BPE trained on the synthetic corpus, as the tokenizer stage trains one."""
+    from unlearn.models.build import train_tokenizer
+    from unlearn.stages import corpus_texts
+
+    splits, _, _ = clean
+    return train_tokenizer(corpus_texts({k: v for k, v in splits.items() if k != "idk"}), 300)
+
+
+def _cut_by_encode_qa(tok, rows, field, max_length):
+    """(rows, cut rows) of ``field``, counted one encode_qa call at a time (not through the batched counter)."""
+    from unlearn.models.formatting import encode_qa
+
+    pairs = [(r["question"], t) for r in rows
+             for t in (r.get(field) or [] if field == "perturbed_answer" else [r.get(field)]) if t]
+    return len(pairs), sum(encode_qa(tok, q, t, max_length).truncated for q, t in pairs)
+
+
+def test_validation_result_carries_truncation(clean, small_tok, tmp_path, caplog):
+    from unlearn.models.formatting import qa_lengths
+
+    splits, _, out = clean
+    answers = splits["full"]
+    lengths = sorted(qa_lengths(small_tok, [r["question"] for r in answers], [r["answer"] for r in answers]))
+    max_length = lengths[len(lengths) // 2]  # about half the answers are cut
+    p = _params(tmp_path, out, max_length=max_length)
+    with caplog.at_level(logging.WARNING, logger="unlearn"):
+        report = run_validation(p, tokenizer=small_tok, tokenizer_source="the test tokenizer")
+    assert report.success, report.render()  # a warning, not a gate failure
+    t = report.truncation
+    assert t["computed"] is True and t["max_length"] == max_length and t["tokenizer"] == "the test tokenizer"
+    assert list(t["splits"]) == gate_splits(FORGET)
+    assert set(t["splits"][f"{FORGET}_perturbed"]) == {"answer", "paraphrased_answer", "perturbed_answer"}
+    assert set(t["splits"]["real_authors"]) == {"answer", "perturbed_answer"}
+    assert set(t["splits"]["full"]) == {"answer"}
+    for name, per in t["splits"].items():
+        for field, c in per.items():
+            n, k = _cut_by_encode_qa(small_tok, splits[name], field, max_length)
+            assert (c["rows"], c["truncated"]) == (n, k), (name, field)
+            assert c["percent"] == round(100 * k / n, 2)
+    assert t["splits"]["full"]["answer"]["truncated"] > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    full = t["splits"]["full"]["answer"]
+    assert f"full answer {full['percent']:.2f} % ({full['truncated']}/{full['rows']})" in warned[0]
+    assert f"model.max_length={t['suggested_max_length']} would cut under 1 %" in warned[0]
+    assert t["truncated"] == sum(c["truncated"] for per in t["splits"].values() for c in per.values())
+    # The suggested length cuts under 1 % of every split and field; one token less does not.
+    s = t["suggested_max_length"]
+    fine = run_validation(_params(tmp_path / "s", out, max_length=s), tokenizer=small_tok).truncation
+    assert all(c["truncated"] < 0.01 * c["rows"] for per in fine["splits"].values() for c in per.values())
+    tight = run_validation(_params(tmp_path / "t", out, max_length=s - 1), tokenizer=small_tok).truncation
+    assert any(c["truncated"] >= 0.01 * c["rows"] for per in tight["splits"].values() for c in per.values())
+    # Written to result.json, rendered in the readable report, and warned about with the splits and the fix.
+    saved = json.loads((tmp_path / "reports" / "validation" / "result.json").read_text())
+    assert saved["truncation"] == t and saved == report.to_dict()
+    text = report.render()
+    assert f"truncation at model.max_length={max_length}" in text and f"model.max_length={s}" in text
+
+
+def test_truncation_without_cut_rows_is_not_a_warning(clean, small_tok, tmp_path, caplog):
+    _, _, out = clean
+    with caplog.at_level(logging.WARNING, logger="unlearn"):
+        report = run_validation(_params(tmp_path, out, max_length=4096), tokenizer=small_tok)
+    assert report.truncation["truncated"] == 0 and report.truncation["rows"] > 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "0 of" in report.render() and "WARNING" not in report.render()
+
+
+def test_stage_counts_truncation_with_the_model_tokenizer(clean, small_tok, tmp_path, caplog):
+    """stages.validate: the tokenizer stage's output (or model.path's); without one, the counts are 'not counted'."""
+    from unlearn import stages
+
+    _, _, out = clean
+    p = _params(tmp_path, out, max_length=8)
+    with caplog.at_level(logging.WARNING, logger="unlearn"):
+        res = stages.validate(p)
+    assert res["success"] is True
+    assert res["truncation"]["computed"] is False and "unlearn tokenizer" in res["truncation"]["reason"]
+    assert any("truncation not counted" in r.getMessage() for r in caplog.records)
+
+    small_tok.save_pretrained(stages.tokenizer_dir(p))
+    res = stages.validate(p)
+    assert res["truncation"]["tokenizer"] == str(stages.tokenizer_dir(p))
+    assert res["truncation"]["max_length"] == 8 and res["truncation"]["truncated"] == res["truncation"]["rows"]
+
+    ckpt = tmp_path / "checkpoint"
+    small_tok.save_pretrained(ckpt)
+    res = stages.validate(_params(tmp_path / "ckpt", out, max_length=4096, path=str(ckpt)))
+    assert res["truncation"]["tokenizer"] == str(ckpt) and res["truncation"]["truncated"] == 0

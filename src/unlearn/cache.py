@@ -1,10 +1,11 @@
 """Content-addressed reference-model quantities.
 
 Every reference quantity an unlearning loss needs depends only on (reference
-model, tokenizer, rows, max length, template, top-K). It is computed once, in
-one batched pass, stored under a key hashing exactly those inputs, and looked
-up by row index during training, so the unlearning loop never holds the
-reference model in memory.
+model weights and config, its dtype, the device type and mixed precision of its
+forward, the encoded token ids of the rows, top-K). It is computed once, in one
+batched pass, stored under a key hashing exactly those inputs, and looked up by
+row index during training, so the unlearning loop never holds the reference
+model in memory.
 
 Stored per forget row (S = max_length - 1 shifted positions):
 - ``seq_logp``      [N]       sum of reference answer-token log-probs (NPO, DPO)
@@ -13,11 +14,22 @@ Stored per forget row (S = max_length - 1 shifted positions):
 - ``topk_ids``      [N, S, K] the K most probable reference tokens (int32)
 - ``topk_logp``     [N, S, K] their log-probs (float16)
 - ``lse``           [N, S]    the log-sum-exp of the raw logits (to rebuild raw logits)
-and, optionally, the same top-K/label tensors for the retain rows (``retain_loss: kl``).
+and, optionally, the same tensors minus ``idk_seq_logp`` for the retain rows (``retain_loss: kl``).
+
+Why the key hashes token ids rather than the strings and the template: the
+cached values are a function of the ids the reference sees, so any change to
+the encoding (template, strip, leading space, EOS, truncation) changes the key,
+whatever part of :mod:`.models.formatting` it comes from.
+
+Why precision is in the key: at theta = ref the policy's forward must give the
+reference's numbers, or DiPO's Delta and NPO's log-ratio start away from 0. The
+policy runs under ``accelerate``'s autocast (bf16 on a GPU), so the reference
+pass runs under the same autocast (see ``docs/dipo.md``, "Reference precision").
 
 Integrity: the safetensors metadata carries the key and a sha256 of every
-tensor's bytes; a file that is truncated, corrupt or under the wrong key is
-rebuilt, never used.
+tensor's bytes, and the tensor names, shapes and dtypes are checked against the
+schema above; a file that is truncated, corrupt, under the wrong key or with
+the wrong tensors is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -32,22 +44,58 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .io import stable_hash
-from .models.formatting import PROMPT_TEMPLATE, IGNORE, collate, encode_many
+from .precision import MIXED_PRECISIONS, Precision, autocast_context, resolve_precision  # noqa: F401 (re-exported)
+from .models import formatting
+from .models.formatting import IGNORE, Encoded, collate
 
 log = logging.getLogger("unlearn.cache")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
+# --------------------------------------------------------------------------- identities
 def tokenizer_hash(tokenizer) -> str:
     """Identity of a tokenizer: its full serialised vocabulary/merges plus special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     blob = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     specials = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
     return hashlib.sha256((blob + json.dumps(specials)).encode()).hexdigest()
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Identity of a saved reference model: its weight files AND its ``config.json``.
+
+    The weights alone are not enough: the config decides how they are used
+    (``rope_theta``, ``rms_norm_eps``, tied embeddings, ...), so two directories
+    with the same weights and different configs give different log-probs.
+    The config is hashed as parsed JSON with sorted keys, so a re-serialisation
+    that changes no value keeps the key.
+    """
+    from .models.build import weights_hash
+
+    cfg_file = Path(model_dir) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"no config.json in {model_dir}: not a saved model directory (save_pretrained layout)")
+    config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    return stable_hash({"weights": weights_hash(model_dir), "config": config})
+
+
+def encoding_hash(rows: Sequence[Encoded]) -> str:
+    """sha256 over the ``input_ids`` and ``labels`` of every encoded row, in order.
+
+    Each list is length-prefixed so that row boundaries are part of the hash.
+    """
+    h = hashlib.sha256()
+    h.update(str(len(rows)).encode())
+    for e in rows:
+        for ids in (e.input_ids, e.labels):
+            h.update(len(ids).to_bytes(4, "little"))
+            h.update(np.asarray(ids, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def idk_answers(n: int, refusals: Sequence[str], seed: int) -> list[str]:
@@ -59,17 +107,59 @@ def idk_answers(n: int, refusals: Sequence[str], seed: int) -> list[str]:
 
 
 def cache_key(
-    *, model_hash: str, tok_hash: str, questions: Sequence[str], answers: Sequence[str], max_length: int,
-    top_k: int, part: str, extra: Sequence[str] = (),
+    *, model_hash: str, tok_hash: str, encoded: Sequence[Encoded], max_length: int, top_k: int, part: str,
+    dtype: torch.dtype | str, device_type: str, mixed_precision: str, idk_encoded: Sequence[Encoded] = (),
 ) -> str:
-    """sha256 over every input the cached tensors depend on; any change gives a new key."""
+    """sha256 over every input the cached tensors depend on; any change gives a new key.
+
+    ``encoded`` (and ``idk_encoded`` for the forget part's refusals) are the
+    rows exactly as the reference sees them; ``dtype`` is the reference's
+    parameter dtype, ``device_type``/``mixed_precision`` where and how its
+    forward ran.
+    """
     return stable_hash(
         {
             "v": FORMAT_VERSION, "part": part, "model": model_hash, "tokenizer": tok_hash,
-            "template": PROMPT_TEMPLATE, "max_length": max_length, "top_k": top_k,
-            "rows": [[q, a] for q, a in zip(questions, answers)], "extra": list(extra),
+            "max_length": max_length, "top_k": top_k, "rows": encoding_hash(encoded),
+            "idk_rows": encoding_hash(idk_encoded), "dtype": str(dtype), "device_type": device_type,
+            "mixed_precision": mixed_precision,
         }
     )
+
+
+# --------------------------------------------------------------------------- storage
+def expected_schema(part: str, n: int, max_length: int, top_k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a ``part`` ("forget" | "retain") cache file must hold, and no other."""
+    if part not in ("forget", "retain"):
+        raise ValueError(f"part must be 'forget' or 'retain', got {part!r}")
+    S = max_length - 1
+    schema = {
+        "seq_logp": ((n,), torch.float32),
+        "label_logp": ((n, S), torch.float32),
+        "topk_ids": ((n, S, top_k), torch.int32),
+        "topk_logp": ((n, S, top_k), torch.float16),
+        "lse": ((n, S), torch.float32),
+    }
+    if part == "forget":
+        schema["idk_seq_logp"] = ((n,), torch.float32)
+    return schema
+
+
+def schema_problems(
+    tensors: dict[str, torch.Tensor], schema: dict[str, tuple[tuple[int, ...], torch.dtype]]
+) -> list[str]:
+    """What is wrong with ``tensors`` against ``schema`` (missing/extra names, shapes, dtypes); empty if nothing."""
+    problems = [f"missing {name}" for name in schema if name not in tensors]
+    problems += [f"unexpected {name}" for name in tensors if name not in schema]
+    for name, (shape, dtype) in schema.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            problems.append(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype != dtype:
+            problems.append(f"{name} has dtype {t.dtype}, expected {dtype}")
+    return problems
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -97,8 +187,15 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None
         raise
 
 
-def load_tensors(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The tensors if the file is intact and belongs to ``key``; None (with a log line) otherwise."""
+def load_tensors(
+    path: Path, key: str, schema: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The tensors if the file is intact, belongs to ``key`` and matches ``schema``; None (with a warning) otherwise.
+
+    The digest only proves the bytes are the ones written; the schema check
+    catches a file written by other code (or an older format) under the same
+    key, which would otherwise fail later as a KeyError or a shape error mid-run.
+    """
     from safetensors import safe_open
 
     if not path.exists():
@@ -113,18 +210,38 @@ def load_tensors(path: Path, key: str) -> dict[str, torch.Tensor] | None:
     if meta.get("key") != key or meta.get("sha256") != _digest(tensors):
         log.warning("reference cache %s failed its integrity check: rebuilding", path)
         return None
+    if schema is not None:
+        problems = schema_problems(tensors, schema)
+        if problems:
+            log.warning("reference cache %s does not have the expected tensors (%s): rebuilding", path,
+                        "; ".join(problems))
+            return None
     return tensors
 
 
+# --------------------------------------------------------------------------- the reference pass
 @torch.no_grad()
 def reference_pass(
-    model, tokenizer, questions: Sequence[str], answers: Sequence[str], *, max_length: int, top_k: int,
-    batch_size: int = 32, with_topk: bool = True, desc: str = "reference",
+    model, tokenizer, questions: Sequence[str] | None = None, answers: Sequence[str] | None = None, *,
+    max_length: int, top_k: int, batch_size: int = 32, with_topk: bool = True, desc: str = "reference",
+    encoded: Sequence[Encoded] | None = None, device: torch.device | str = "cpu", mixed_precision: str = "no",
 ) -> dict[str, torch.Tensor]:
-    """One batched forward pass of the reference model over (question, answer) rows."""
-    device = next(model.parameters()).device
+    """One batched forward pass of the reference model over (question, answer) rows (or pre-``encoded`` rows).
+
+    The model is moved to ``device`` and its forward runs under
+    :func:`autocast_context` (what accelerate does to the policy's forward), so
+    with ``mixed_precision`` set to the training run's, the cached numbers are
+    the ones the policy computes at theta = ref. Everything after the logits
+    (log-softmax, top-K) is float32, as in the losses.
+    """
+    if encoded is None:
+        if questions is None or answers is None:
+            raise ValueError("reference_pass needs questions and answers, or encoded rows")
+        encoded = formatting.encode_many(tokenizer, questions, answers, max_length)
+    dev = torch.device(device)
+    model.to(dev)
     model.eval()
-    enc = encode_many(tokenizer, questions, answers, max_length)
+    enc = list(encoded)
     S = max_length - 1
     n = len(enc)
     out = {"seq_logp": torch.zeros(n), "label_logp": torch.zeros(n, S)}
@@ -136,8 +253,10 @@ def reference_pass(
         )
     for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
         batch = collate(enc[start:start + batch_size], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        with autocast_context(dev.type, mixed_precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits.float()
         lg, lb = logits[:, :-1], batch["labels"][:, 1:]
         w = lg.size(1)
         lse = torch.logsumexp(lg, dim=-1)
@@ -192,44 +311,76 @@ class ReferenceCache:
 def ensure_cache(
     *, cache_dir: str | Path, model_dir: str | Path, tokenizer, forget_rows: Sequence[dict], retain_rows: Sequence[dict],
     refusals: Sequence[str], seed: int, max_length: int, top_k: int, with_retain: bool, batch_size: int = 32,
-    model=None,
+    model=None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mixed_precision: str = "no",
 ) -> ReferenceCache:
-    """Load the cache for these inputs, or compute and store it (loading the reference model only then)."""
-    from .models.build import load_model, weights_hash
+    """Load the cache for these inputs, or compute and store it (loading the reference model only then).
 
+    ``dtype`` is the reference's parameter dtype (default: ``model``'s, else
+    float32, what ``load_model`` gives); ``device`` and ``mixed_precision``
+    ("no" | "bf16" | "fp16") say where and under which autocast the reference
+    forward runs. Pass the training run's (``resolve_precision`` gives them) so
+    that Delta and the NPO log-ratio are 0 at theta = ref. All three are in the key.
+    """
+    from .models.build import load_model
+
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {mixed_precision!r}")
+    if model is not None:
+        model_dtype = next(model.parameters()).dtype
+        if dtype is not None and dtype != model_dtype:
+            raise ValueError(f"dtype={dtype} but the reference model given has {model_dtype} parameters")
+        dtype = model_dtype
+    dtype = dtype or torch.float32
+    dev = torch.device(device)
     cache_dir = Path(cache_dir)
-    mh, th = weights_hash(model_dir), tokenizer_hash(tokenizer)
+    mh, th = model_hash(model_dir), tokenizer_hash(tokenizer)
+    common = dict(model_hash=mh, tok_hash=th, max_length=max_length, top_k=top_k, dtype=dtype,
+                  device_type=dev.type, mixed_precision=mixed_precision)
     fq = [r["question"] for r in forget_rows]
-    fa = [r["answer"] for r in forget_rows]
-    idk = idk_answers(len(forget_rows), refusals, seed)
-    fkey = cache_key(model_hash=mh, tok_hash=th, questions=fq, answers=fa, max_length=max_length, top_k=top_k,
-                     part="forget", extra=idk)
-    parts = [("forget", fkey, fq, fa)]
+    enc_f = formatting.encode_many(tokenizer, fq, [r["answer"] for r in forget_rows], max_length)
+    enc_i = formatting.encode_many(tokenizer, fq, idk_answers(len(forget_rows), refusals, seed), max_length)
+    parts = [("forget", cache_key(encoded=enc_f, idk_encoded=enc_i, part="forget", **common), enc_f)]
     if with_retain:
-        rq = [r["question"] for r in retain_rows]
-        ra = [r["answer"] for r in retain_rows]
-        rkey = cache_key(model_hash=mh, tok_hash=th, questions=rq, answers=ra, max_length=max_length, top_k=top_k,
-                         part="retain")
-        parts.append(("retain", rkey, rq, ra))
+        enc_r = formatting.encode_many(tokenizer, [r["question"] for r in retain_rows],
+                                       [r["answer"] for r in retain_rows], max_length)
+        parts.append(("retain", cache_key(encoded=enc_r, part="retain", **common), enc_r))
+    run = dict(max_length=max_length, top_k=top_k, batch_size=batch_size, device=dev, mixed_precision=mixed_precision)
     loaded: dict[str, dict[str, torch.Tensor]] = {}
     paths = []
-    for part, key, q, a in parts:
+    for part, key, enc in parts:
         path = cache_dir / f"{part}-{key[:24]}.safetensors"
         paths.append(path)
-        tensors = load_tensors(path, key)
+        tensors = load_tensors(path, key, expected_schema(part, len(enc), max_length, top_k))
         if tensors is None:
             if model is None:
-                model = load_model(model_dir)
-            log.info("computing reference %s cache (%d rows) -> %s", part, len(q), path)
-            tensors = reference_pass(model, tokenizer, q, a, max_length=max_length, top_k=top_k,
-                                     batch_size=batch_size, desc=f"reference {part}")
+                model = load_model(model_dir, dtype=dtype)
+            log.info("computing reference %s cache (%d rows, %s, %s, mixed precision %s) -> %s", part, len(enc),
+                     dtype, dev.type, mixed_precision, path)
+            tensors = reference_pass(model, tokenizer, encoded=enc, desc=f"reference {part}", **run)
             if part == "forget":
-                idk_t = reference_pass(model, tokenizer, q, idk, max_length=max_length, top_k=top_k,
-                                       batch_size=batch_size, with_topk=False, desc="reference idk")
+                idk_t = reference_pass(model, tokenizer, encoded=enc_i, with_topk=False, desc="reference idk", **run)
                 tensors["idk_seq_logp"] = idk_t["seq_logp"]
             save_tensors(path, tensors, key)
         loaded[part] = tensors
     return ReferenceCache(forget=loaded["forget"], retain=loaded.get("retain"), paths=paths)
+
+
+def reference_forward_parts(needs: frozenset[str]) -> tuple[str, ...]:
+    """The batch parts a live reference runs a forward on for a method's ``needs`` (``Method.needs_for``).
+
+    ``forget`` once for ``ref_seq`` and/or ``ref_topk`` (both come from the same
+    logits), ``idk`` for ``ref_idk_seq``, ``retain`` for ``ref_retain_topk``.
+    :class:`LiveReference` runs exactly these, and ``benchmarks/bench_unlearn.py``
+    predicts the live/cache step-time ratio from them.
+    """
+    parts = []
+    if needs & {"ref_seq", "ref_topk"}:
+        parts.append("forget")
+    if "ref_idk_seq" in needs:
+        parts.append("idk")
+    if "ref_retain_topk" in needs:
+        parts.append("retain")
+    return tuple(parts)
 
 
 class LiveReference:
@@ -237,34 +388,71 @@ class LiveReference:
 
     ``top_k=None`` gives the exact full-vocabulary log-probs (``topk_ids=None``),
     against which the cached top-K approximation is measured.
+
+    ``needs`` (``Method.needs_for(cfg)``) decides which forwards run, so that
+    the live baseline costs what a live reference really costs for that method:
+    the forget batch once if ``ref_seq`` or ``ref_topk`` is needed (one forward
+    for both), the idk batch if ``ref_idk_seq``, the retain batch if
+    ``ref_retain_topk``; only the keys of those needs are returned.
+    ``needs=None`` runs a forward on every part the batch has (forget, idk,
+    retain) and returns every key, for callers that want all reference quantities.
+
+    ``mixed_precision`` ("auto" | "no" | "bf16" | "fp16") is the autocast the
+    forward runs under, on the batch's device; "auto" is the training loop's
+    rule (:func:`resolve_precision`), so the live reference matches the policy.
     """
 
-    def __init__(self, model, top_k: int | None):
+    def __init__(self, model, top_k: int | None, needs: frozenset[str] | None = None, mixed_precision: str = "auto"):
         self.model = model.eval()
         self.top_k = top_k
+        self.needs = None if needs is None else frozenset(needs)
+        self.mixed_precision = mixed_precision
         for prm in self.model.parameters():
             prm.requires_grad_(False)
 
     @torch.no_grad()
-    def _one(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _one(self, batch: dict, *, topk: bool = True) -> dict[str, torch.Tensor]:
         dev = batch["input_ids"].device
         if next(self.model.parameters()).device != dev:  # accelerate moved the batch (e.g. to a GPU)
             self.model.to(dev)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        lg, lb = logits[:, :-1], batch["labels"][:, 1:]
+        mp = resolve_precision(dev, self.mixed_precision).mixed_precision
+        with autocast_context(dev.type, mp):
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        lg, lb = logits.float()[:, :-1], batch["labels"][:, 1:]
         logp = torch.log_softmax(lg, -1)
         mask = lb != IGNORE
         lab = logp.gather(-1, lb.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1) * mask
+        out = {"label_logp": lab, "seq_logp": lab.sum(-1)}
+        if not topk:
+            return out
         if self.top_k is None:
-            return {"label_logp": lab, "seq_logp": lab.sum(-1), "topk_ids": None, "topk_logp": logp}
+            return dict(out, topk_ids=None, topk_logp=logp)
         vals, ids = logp.topk(self.top_k, -1)
-        return {"label_logp": lab, "seq_logp": lab.sum(-1), "topk_ids": ids, "topk_logp": vals.half().float()}
+        return dict(out, topk_ids=ids, topk_logp=vals.half().float())
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        f = self._one(batch["forget"])
-        ref = dict(f)
+        if self.needs is None:
+            return self._all(batch)
+        need = self.needs
+        parts = reference_forward_parts(need)
+        ref: dict[str, torch.Tensor] = {}
+        if "forget" in parts:
+            f = self._one(batch["forget"], topk="ref_topk" in need)
+            if "ref_seq" in need:
+                ref["seq_logp"] = f["seq_logp"]
+            if "ref_topk" in need:
+                ref.update(topk_ids=f["topk_ids"], topk_logp=f["topk_logp"], label_logp=f["label_logp"])
+        if "idk" in parts:
+            ref["idk_seq_logp"] = self._one(batch["idk"], topk=False)["seq_logp"]
+        if "retain" in parts:
+            r = self._one(batch["retain"])
+            ref.update(retain_topk_ids=r["topk_ids"], retain_topk_logp=r["topk_logp"], retain_label_logp=r["label_logp"])
+        return ref
+
+    def _all(self, batch: dict) -> dict[str, torch.Tensor]:
+        ref = dict(self._one(batch["forget"]))
         if "idk" in batch:
-            ref["idk_seq_logp"] = self._one(batch["idk"])["seq_logp"]
+            ref["idk_seq_logp"] = self._one(batch["idk"], topk=False)["seq_logp"]
         if "retain" in batch:
             r = self._one(batch["retain"])
             ref.update(retain_topk_ids=r["topk_ids"], retain_topk_logp=r["topk_logp"], retain_label_logp=r["label_logp"])

@@ -125,42 +125,65 @@ def base_model_and_tokenizer(p: Params):
     return model, tok
 
 
+def run_reports_dir(p: Params, out: Path, default_out: Path, kind: str) -> Path:
+    """Where a training run's summary and loss log go: the pipeline's ``reports/<kind>`` for the default
+    output, else next to the run's own output (``<out>.reports``), so an ad-hoc run never overwrites the
+    pipeline's DVC metrics."""
+    if out.resolve() == default_out.resolve():
+        return reports_dir(p) / kind
+    return out.with_name(out.name + ".reports")
+
+
+def encoded_hash(enc) -> str:
+    """Content address of encoded rows (token ids and labels): data, tokenizer, template and truncation at once."""
+    from .io import stable_hash
+
+    return stable_hash([[e.input_ids, e.labels] for e in enc])
+
+
 def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Train the target (all authors) or retain (retain split only) model; save it; return a summary."""
+    import shutil
+
     from .models.build import save_model
     from .models.formatting import collate, encode_many
     from .models.scoring import mean_nll
-    from .train import LoopCfg, is_main_process, train_loop
+    from .train import LoopCfg, make_accelerator, train_loop
 
-    out = Path(out_dir) if out_dir else model_dir(p, role)
-    rows = training_rows(p, role)
-    model, tok = base_model_and_tokenizer(p)
-    enc = encode_many(tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
     ft = p.finetune
     cfg = LoopCfg(
         epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
         warmup_ratio=ft.warmup_ratio, grad_accum=ft.grad_accum, seed=p.seed, desc=f"finetune {role}",
     )
+    acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
+    default_out = model_dir(p, role)
+    out = Path(out_dir) if out_dir else default_out
+    rows = training_rows(p, role)
+    model, tok = base_model_and_tokenizer(p)
+    enc = encode_many(tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
 
     def step_loss(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return mean_nll(logits, batch["labels"]), {}
+        return mean_nll(logits, batch["labels"], batch.get("n_tokens")), {}
 
     n_params = sum(x.numel() for x in model.parameters())
-    log.info("fine-tuning %s: %d rows, %.2fM parameters", role, len(rows), n_params / 1e6)
+    log.info("fine-tuning %s: %d rows, %.2fM parameters, %d process(es)", role, len(rows), n_params / 1e6,
+             acc.num_processes)
+    run_key = {"stage": "finetune", "role": role, "model": p.model.path or p.model.arch.model_dump(),
+               "rows": encoded_hash(enc)}
+    ckpt = out.with_name(out.name + ".ckpt")
     loss_log = train_loop(
         model, len(enc), lambda idx, epoch: collate([enc[i] for i in idx], tok.pad_token_id), step_loss, cfg,
-        checkpoint_dir=out.with_name(out.name + ".ckpt"),
+        checkpoint_dir=ckpt, accelerator=acc, run_key=run_key,
     )
-    if not is_main_process():
+    if not acc.is_main_process:
         return {}
     save_model(model, tok, out)
-    import shutil
-
-    shutil.rmtree(out.with_name(out.name + ".ckpt"), ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
-    summary.update(role=role, rows=len(rows), parameters=n_params, final_loss=loss_log[-1]["loss"] if loss_log else None)
-    rdir = reports_dir(p) / "finetune"
+    summary.update(role=role, rows=len(rows), parameters=n_params, world_size=acc.num_processes,
+                   final_loss=loss_log[-1]["loss"] if loss_log else None)
+    rdir = run_reports_dir(p, out, default_out, "finetune")
     write_json(rdir / f"{role}.json", summary)
     write_json(rdir / f"{role}_loss.json", [{"step": e["step"], "loss": e["loss"]} for e in loss_log])
     return summary
@@ -192,7 +215,10 @@ def set_threads() -> None:
     """
     import os
 
-    n = int(os.environ.get("UNLEARN_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    # Under a launcher, the cores are shared by the local ranks: 2 ranks x all cores would oversubscribe.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    default = max(1, (os.cpu_count() or 1) // max(local_world, 1))
+    n = int(os.environ.get("UNLEARN_THREADS") or os.environ.get("OMP_NUM_THREADS") or default)
     torch.set_num_threads(max(1, n))
 
 
@@ -214,9 +240,19 @@ def _forget_inputs(p: Params):
     return splits[p.data.forget_split], splits[p.data.retain_split], refusals
 
 
-def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bool | None = None):
-    """Compute (or verify and reuse) the reference cache of the target model on the forget/retain splits."""
-    from .cache import ensure_cache
+def build_cache(
+    p: Params, target_dir: str | Path | None = None, with_retain: bool | None = None,
+    device: torch.device | str | None = None, mixed_precision: str | None = None,
+):
+    """Compute (or verify and reuse) the reference cache of the target model on the forget/retain splits.
+
+    ``device`` / ``mixed_precision`` are where and under which autocast the
+    reference forward runs; the forget stage passes its accelerator's, and when
+    they are not given the training loop's rule fills them in
+    (``cache.resolve_precision``: CUDA + bf16 where available, else CPU + fp32),
+    so the cache stage builds the very file the forget stage then looks up.
+    """
+    from .cache import ensure_cache, resolve_precision
     from .methods.registry import get_method
     from .models.build import load_tokenizer
 
@@ -230,10 +266,11 @@ def build_cache(p: Params, target_dir: str | Path | None = None, with_retain: bo
             f"method {p.method.name} with retain_loss={p.method.retain_loss} needs reference top-K on the retain "
             "split: set cache.retain=true (e.g. --set cache.retain=true) so the cache stage computes it"
         )
+    prec = resolve_precision(device, mixed_precision)
     return ensure_cache(
         cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=load_tokenizer(target_dir), forget_rows=forget_rows,
         retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
-        with_retain=with_retain,
+        with_retain=with_retain, device=prec.device, mixed_precision=prec.mixed_precision,
     )
 
 
@@ -244,20 +281,31 @@ def forget(
     """Unlearn the forget split from the target model with ``method.name``; save the unlearned model.
 
     ``reference``: ``cache`` (default; reference quantities from the content-addressed
-    cache), ``live`` (a reference forward every step, top-K like the cache) or
-    ``exact`` (a live forward, full vocabulary). The last two exist to measure the cache.
+    cache), ``live`` (a reference forward every step, only the forwards the method
+    needs, top-K like the cache) or ``exact`` (live, full vocabulary). The last two
+    exist to measure the cache.
+
+    Runs the same on any number of processes (see :mod:`unlearn.train`): the
+    summary records the world size and the loss log the rows each rank took.
     """
     import shutil
 
     from .cache import LiveReference, idk_answers
     from .methods.registry import get_method
-    from .models.build import load_model, load_tokenizer, save_model
+    from .models.build import load_model, load_tokenizer, save_model, weights_hash
     from .models.formatting import collate, encode_many
-    from .train import LoopCfg, is_main_process, train_loop
+    from .train import LoopCfg, main_process_first, make_accelerator, train_loop
 
-    method = get_method(p.method.name)
+    m = p.method
+    cfg = LoopCfg(
+        epochs=m.epochs, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
+        grad_accum=m.grad_accum, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]",
+    )
+    acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
+    method = get_method(m.name)
     target_dir = Path(target_dir or model_dir(p, "target"))
-    out = Path(out_dir or model_dir(p, "unlearned"))
+    default_out = model_dir(p, "unlearned")
+    out = Path(out_dir) if out_dir else default_out
     tok = load_tokenizer(target_dir)
     model = load_model(target_dir)
     forget_rows, retain_rows, refusals = _forget_inputs(p)
@@ -267,16 +315,16 @@ def forget(
     idk = idk_answers(len(forget_rows), refusals, p.seed)
     enc_i = encode_many(tok, [r["question"] for r in forget_rows], idk, L)
 
-    needs = method.needs_for(p.method)
+    needs = method.needs_for(m)
     needs_ref = bool(needs & REF_NEEDS)
     cache = live = None
     if needs_ref and reference == "cache":
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():  # rank 0 builds a missing cache, the others then load it
-            cache = build_cache(p, target_dir)
+        with main_process_first():  # rank 0 builds a missing cache, the others then load it
+            # The reference runs where and how the policy runs, so Delta/log-ratios are 0 at theta = ref.
+            cache = build_cache(p, target_dir, device=acc.device, mixed_precision=acc.mixed_precision)
     elif needs_ref:
-        live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k)
+        live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k,
+                             needs=needs, mixed_precision=acc.mixed_precision)
 
     n_f, n_r = len(enc_f), len(enc_r)
     if n_r == 0 and "retain" in needs:
@@ -287,12 +335,9 @@ def forget(
         # per-epoch permutation, so every retain row is visited over the epochs.
         perm = torch.randperm(max(n_r, 1), generator=torch.Generator().manual_seed(p.seed * 1000 + epoch))
         r_idx = [int(perm[(epoch * n_f + i) % max(n_r, 1)]) for i in idx] if n_r else []
-        f_b = collate([enc_f[i] for i in idx], tok.pad_token_id)
-        i_b = collate([enc_i[i] for i in idx], tok.pad_token_id)
-        width = max(f_b["input_ids"].size(1), i_b["input_ids"].size(1))
-        f_b = collate([enc_f[i] for i in idx], tok.pad_token_id, pad_to=width)
-        i_b = collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)
-        batch = {"forget": f_b, "idk": i_b}
+        width = max(max(len(enc_f[i].input_ids), len(enc_i[i].input_ids)) for i in idx)
+        batch = {"forget": collate([enc_f[i] for i in idx], tok.pad_token_id, pad_to=width),
+                 "idk": collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)}
         if n_r:
             batch["retain"] = collate([enc_r[i] for i in r_idx], tok.pad_token_id)
         if cache is not None:
@@ -303,22 +348,24 @@ def forget(
     def step_loss(model, batch):
         if live is not None:
             batch = dict(batch, ref=live(batch))
-        return method.compute(model, batch, p.method)
+        return method.compute(model, batch, m)
 
-    m = p.method
-    cfg = LoopCfg(
-        epochs=m.epochs, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
-        grad_accum=m.grad_accum, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]",
-    )
+    run_key = {
+        "stage": "forget", "method": m.model_dump(exclude={"checkpoint_every"}), "reference": reference,
+        "target": weights_hash(target_dir), "forget": encoded_hash(enc_f), "retain": encoded_hash(enc_r),
+        "idk": encoded_hash(enc_i), "cache_top_k": p.cache.top_k, "cache_retain": p.cache.retain,
+    }
     ckpt = out.with_name(out.name + ".ckpt")
-    loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, on_log=on_log)
-    if not is_main_process():
+    loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, accelerator=acc,
+                          on_log=on_log, run_key=run_key)
+    if not acc.is_main_process:
         return {}
     save_model(model, tok, out)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
-    summary.update(method=m.name, steps=len(loss_log), reference=reference)
-    rdir = reports_dir(p) / "forget"
+    summary.update(method=m.name, steps=len(loss_log), reference=reference, world_size=acc.num_processes,
+                   global_batch=m.batch_size * acc.num_processes * m.grad_accum)
+    rdir = run_reports_dir(p, out, default_out, "forget")
     write_json(rdir / "summary.json", summary)
     write_json(rdir / "loss.json", loss_log)
     return summary
@@ -406,10 +453,15 @@ def validate(p: Params) -> dict[str, Any]:
 
     Raises :class:`~unlearn.data.validate.ValidationFailed` (its message is the readable report)
     when any expectation fails, so nothing downstream runs. Returns the report as a dict.
+
+    The result also counts the QA rows the model's tokenizer (:func:`model_tokenizer`) cuts
+    at ``model.max_length`` (its ``truncation`` section; a warning when any is cut, not a
+    failure). That is why the tokenizer stage runs before this one.
     """
     from .data.validate import ValidationFailed, run_validation
 
-    report = run_validation(p)
+    tok, source = model_tokenizer(p)
+    report = run_validation(p, tokenizer=tok, tokenizer_source=source)
     if not report.success:
         raise ValidationFailed(report)
     return report.to_dict()
@@ -420,7 +472,8 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
     """Gate the unlearned model on its evaluation, log it to MLflow and register it if it passed.
 
     Reads ``reports/eval/unlearned/metrics.json``, ``reports/eval/target/metrics.json`` and
-    ``reports/forget/loss.json`` (optional); writes ``reports/register/decision.json``
+    the run's loss log (optional: ``reports/forget/loss.json``, or ``<model>.reports/loss.json`` for a model
+    written with ``--out``); writes ``reports/register/decision.json``
     (passed, reasons, version, alias, run_id, ...) and returns it. See :mod:`unlearn.tracking`.
     """
     from . import tracking
@@ -437,7 +490,8 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
             raise FileNotFoundError(f"no {what} at {path}: run `{cmd}` (or `dvc repro`) first")
     if not model_path.is_dir():
         raise FileNotFoundError(f"no model directory at {model_path}: run `unlearn forget` first")
-    loss_path = rdir / "forget" / "loss.json"
+    # The loss log of the run that wrote this model (reports/forget for the pipeline's, <model>.reports otherwise).
+    loss_path = run_reports_dir(p, model_path, model_dir(p, "unlearned"), "forget") / "loss.json"
     reg = tracking.register_if_passing(
         p, model_dir=model_path, metrics=read_json(eval_dir / "metrics.json"),
         target_metrics=read_json(rdir / "eval" / "target" / "metrics.json"),
@@ -512,3 +566,22 @@ def audit(p: Params, request_id: str | None = None, model_version: str | None = 
         return render_audit_request(
             audit_request(ledger, request_id, versions_lookup=lambda rid: tracking.versions_for_request(p, rid))
         )
+
+
+# --------------------------------------------------------------------------- tokenizer for truncation counts
+def model_tokenizer(p: Params):
+    """``(tokenizer, where it came from)`` of the models this configuration trains, or ``(None, why not)``.
+
+    With ``model.path`` set (a real checkpoint) the tokenizer is that checkpoint's (a
+    load failure is raised: the configuration names a model that cannot be read);
+    otherwise the one the tokenizer stage saved under ``<model.out_dir>/tokenizer``.
+    Used by :func:`validate` to count truncated rows at ``model.max_length``.
+    """
+    from .models.build import load_tokenizer
+
+    if p.model.path:
+        return load_tokenizer(p.model.path), str(p.model.path)
+    tdir = tokenizer_dir(p)
+    if not (tdir / "tokenizer.json").exists():
+        return None, f"no tokenizer at {tdir}: run `unlearn tokenizer` (or `dvc repro tokenizer`) first"
+    return load_tokenizer(tdir), str(tdir)

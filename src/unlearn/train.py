@@ -93,19 +93,14 @@ def main_process_first():
     return distributed_state().main_process_first()
 
 
-def resolve_mixed_precision(mp: str = "auto") -> str:
-    """``auto`` -> bf16 on a GPU that supports it, else no (CPU autocast is slower than fp32 here)."""
-    if mp == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return mp
-
-
 def make_accelerator(cfg: LoopCfg | None = None, mixed_precision: str | None = None):
     """The ``Accelerator`` every stage trains with (after :func:`distributed_state`, so the ranks are right)."""
     from accelerate import Accelerator
 
     distributed_state()
-    mp = resolve_mixed_precision(mixed_precision or (cfg.mixed_precision if cfg else "auto"))
+    from .precision import resolve_precision
+
+    mp = resolve_precision(None, mixed_precision or (cfg.mixed_precision if cfg else "auto")).mixed_precision
     # Gradient accumulation is done by train_loop itself (exact global denominators), not by accelerate.
     return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 

@@ -28,6 +28,13 @@ Expectations (``column`` / helper column in brackets):
 Failures name the split, the expectation, the column and the failing row ids
 (first 20) with their count; :meth:`ValidationReport.render` turns them into a
 readable report. GX is imported inside the functions (its import takes seconds).
+
+Besides the expectations, the result carries a ``truncation`` section: per split
+and field (answer, paraphrased_answer, perturbed_answer), how many rows the
+model's tokenizer cuts at ``model.max_length`` (:mod:`unlearn.models.truncation`).
+Cut rows are a warning (logged, naming the splits and a ``max_length`` that cuts
+under 1 %), not a failure: they are valid, only shorter, examples -- but a silent
+cut changes what every metric measures, so it is always reported.
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ class ValidationReport:
     "column", "rows" (failing row ids, first 20; ``row N`` where the id is null),
     "count" (failing rows, or None for table-level checks), "observed",
     "expected", "message"}``. ``checked``: per split, rows and expectations run.
+    ``truncation``: :func:`unlearn.models.truncation.truncation_table` of the gate's
+    splits plus ``"tokenizer"`` (where it came from), or ``{"computed": False,
+    "reason"}`` without a tokenizer; None when not asked for (``validate_splits_gx``).
     """
 
     success: bool
@@ -88,6 +98,7 @@ class ValidationReport:
     checked: dict[str, dict] = field(default_factory=dict)
     forget_split: str | None = None
     elapsed_s: float = 0.0  # not part of to_dict(): the JSON stays byte-identical for the same data
+    truncation: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,14 +108,33 @@ class ValidationReport:
             "n_failures": len(self.failures),
             "checked": self.checked,
             "failures": self.failures,
+            "truncation": self.truncation,
         }
+
+    def _render_truncation(self) -> list[str]:
+        from ..models.truncation import split_summary, truncation_warning
+
+        t = self.truncation
+        if t is None:
+            return []
+        if not t.get("computed", True):
+            return [f"  truncation: not counted ({t.get('reason')})"]
+        head = (f"  truncation at model.max_length={t['max_length']} (tokenizer {t.get('tokenizer')}): "
+                f"{t['truncated']} of {t['rows']} QA rows cut")
+        lines = [head]
+        if t["truncated"]:
+            lines += [f"    {split_summary(n, per, t['max_length'])}" for n, per in t["splits"].items()
+                      if any(c["truncated"] for c in per.values())]
+            lines.append(f"    WARNING: {truncation_warning(t)}")
+        return lines
 
     def render(self) -> str:
         """A readable multi-line report: which expectation failed on which split, and which rows."""
         n_exp = sum(c["expectations"] for c in self.checked.values())
         head = f"data validation ({self.forget_split}): "
         if self.success:
-            return head + f"passed, {n_exp} expectations on {len(self.checked)} splits"
+            return "\n".join([head + f"passed, {n_exp} expectations on {len(self.checked)} splits",
+                              *self._render_truncation()])
         lines = [head + f"FAILED, {len(self.failures)} of {n_exp} expectations on {len(self.checked)} splits"]
         for i, f in enumerate(self.failures, 1):
             col = f" column '{f['column']}'" if f.get("column") else ""
@@ -119,7 +149,7 @@ class ValidationReport:
                 shown = ", ".join(map(str, f.get("rows") or []))
                 more = f" (first {len(f['rows'])})" if f["count"] > len(f.get("rows") or []) else ""
                 lines.append(f"     {f['count']} failing row(s){more}: {shown}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._render_truncation())
 
 
 class ValidationFailed(DataError):
@@ -427,11 +457,45 @@ def _load_split_file(out_dir: Path, name: str, manifest: dict) -> tuple[Any, dic
     return rows, None
 
 
-def run_validation(p: Params, **bounds: int) -> ValidationReport:
+# The fields the pipeline encodes after the question, per kind of split: training, the reference cache
+# and the memorisation summary encode the answers of forgetXX / retainXX / full; the evaluation scores
+# the answers, paraphrases and perturbed answers of *_perturbed, and answers + perturbed answers of
+# real_authors / world_facts. Fields that are never encoded (e.g. a paraphrase in full) are not counted.
+TRUNCATION_FIELDS = {
+    "qa": ("answer",),
+    "perturbed": ("answer", "paraphrased_answer", "perturbed_answer"),
+    "utility": ("answer", "perturbed_answer"),
+}
+
+
+def truncation_section(splits: dict[str, Any], tokenizer: Any, max_length: int, source: str | None) -> dict:
+    """The result's ``truncation`` section for the gate's ``splits``; logs a warning when any row is cut.
+
+    Counts the fields of :data:`TRUNCATION_FIELDS`. ``tokenizer`` None: ``{"computed": False,
+    "reason": source}`` and a warning, since the counts are then unknown (not zero).
+    """
+    from ..models.truncation import truncation_table, truncation_warning
+
+    if tokenizer is None:
+        reason = source or "no tokenizer given"
+        log.warning("data validation: truncation not counted: %s", reason)
+        return {"computed": False, "reason": reason, "max_length": int(max_length)}
+    table = truncation_table(tokenizer, splits, max_length, {n: TRUNCATION_FIELDS[_kind(n)] for n in splits})
+    section = {"computed": True, "tokenizer": source, **table}
+    msg = truncation_warning(table)
+    if msg:
+        log.warning("data validation: %s", msg)
+    return section
+
+
+def run_validation(p: Params, *, tokenizer: Any = None, tokenizer_source: str | None = None,
+                   **bounds: int) -> ValidationReport:
     """Validate the split files in ``p.data.out_dir``; write ``<reports_dir>/validation/result.json`` (always).
 
-    ``bounds``: ``min_answer_chars`` / ``max_answer_chars`` overrides. Raises
-    FileNotFoundError when there is no manifest (the data stage has not run).
+    ``tokenizer``: the model's tokenizer, to count the rows cut at ``p.model.max_length``
+    (the ``truncation`` section; ``tokenizer_source`` names where it came from, or, without
+    a tokenizer, why there is none). ``bounds``: ``min_answer_chars`` / ``max_answer_chars``
+    overrides. Raises FileNotFoundError when there is no manifest (the data stage has not run).
     """
     from ..io import write_json
 
@@ -461,6 +525,7 @@ def run_validation(p: Params, **bounds: int) -> ValidationReport:
         order = {n: i for i, n in enumerate(gate_splits(forget_split))}
         report.failures = sorted(file_failures + rest, key=lambda f: order.get(f["split"], len(order)))
         report.success = False
+    report.truncation = truncation_section(splits, tokenizer, p.model.max_length, tokenizer_source)
     write_json(result_path(p), report.to_dict())
     log.info("data validation %s in %.1fs: %s", "passed" if report.success else "FAILED", report.elapsed_s, result_path(p))
     return report

@@ -52,6 +52,7 @@ from unlearn.models.formatting import (
     format_answer,
 )
 from unlearn.models.scoring import token_logprobs
+from unlearn.models.truncation import FIELDS, split_summary, truncation_table, truncation_warning
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's chatter
@@ -67,7 +68,8 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
 }
 UTILITY_PARTS = tuple(f"{role}_{m}" for role in UTILITY_ROLES for m in ("prob", "rouge", "truth_ratio"))
 # Bump when anything that changes the stored retain-model truth ratios changes.
-REFERENCE_VERSION = 1
+# 2: a cut answer keeps its EOS (encode_qa), which changes the scores of truncated rows.
+REFERENCE_VERSION = 2
 REFERENCE_DIRNAME = "eval_reference"
 WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin", "*.safetensors", "*.bin", "*.pt", "*.pth")
 TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -354,13 +356,17 @@ def _split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_leng
 @dataclass
 class EvalResult:
     """``metrics``: flat name -> value (None when not computable, reason in ``notes``).
-    ``per_example``: split name -> one dict per row. ``roles``: role -> split name."""
+    ``per_example``: split name -> one dict per row. ``roles``: role -> split name.
+    ``truncation``: rows cut at ``max_length`` per split and scored field
+    (:func:`unlearn.models.truncation.truncation_table`); also summarised in
+    ``notes["<role>_truncation"]``."""
 
     metrics: dict[str, float | None]
     notes: dict[str, str] = field(default_factory=dict)
     per_example: dict[str, list[dict]] = field(default_factory=dict)
     forget_split: str = ""
     roles: dict[str, str] = field(default_factory=dict)
+    truncation: dict[str, Any] = field(default_factory=dict)
 
     def truth_ratios(self, split: str | None = None) -> np.ndarray:
         """Raw per-example truth ratios of ``split`` (default: the forget split), NaN where undefined."""
@@ -369,7 +375,7 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return {"metrics": self.metrics, "notes": self.notes, "forget_split": self.forget_split,
-                "roles": self.roles, "per_example": self.per_example}
+                "roles": self.roles, "per_example": self.per_example, "truncation": self.truncation}
 
 
 def _resolve_roles(splits: Mapping[str, Any], forget_split: str) -> dict[str, str]:
@@ -382,6 +388,17 @@ def _resolve_roles(splits: Mapping[str, Any], forget_split: str) -> dict[str, st
                 roles[role] = name
                 break
     return roles
+
+
+def _truncation_note(name: str, truncation: Mapping[str, Any]) -> str:
+    """The note on split ``name``'s cut rows: counts per field, and a warning with the fix when any is cut."""
+    per = truncation["splits"].get(name, {})
+    note = split_summary(name, per, truncation["max_length"])
+    if any(c["truncated"] for c in per.values()):
+        note += " -- WARNING: cut rows are scored on part of their answer (EOS kept)"
+        if truncation["suggested_max_length"] > truncation["max_length"]:
+            note += f"; model.max_length={truncation['suggested_max_length']} would cut under 1 % of every split's rows"
+    return note
 
 
 def forget_quality(eval_truth_ratios: np.ndarray, retain_truth_ratios: np.ndarray) -> float:
@@ -413,11 +430,22 @@ def evaluate_model(
     utility) None with a note. ``retain_truth_ratios``: the retain model's raw
     per-example forget truth ratios (:func:`retain_reference`); None leaves
     forget quality None with the reason in ``notes["forget_quality"]``.
+
+    ``notes["<role>_truncation"]`` always says how many of the split's scored
+    rows (answers, paraphrases, perturbed answers) ``max_length`` cuts, because a
+    cut row is scored on part of its answer; any cut row is also logged as a warning.
     """
     ensure_pad(tokenizer)
     roles = _resolve_roles(splits, forget_split)
     metrics: dict[str, float | None] = {}
     notes: dict[str, str] = {}
+    scored_fields = {name: FIELDS if role in (FORGET, RETAIN) else ("answer", "perturbed_answer")
+                     for role, name in roles.items()}  # _split_scores uses paraphrases for forget/retain only
+    truncation = truncation_table(tokenizer, {name: list(splits[name]) for name in roles.values()}, max_length,
+                                  scored_fields)
+    warning = truncation_warning(truncation)
+    if warning:
+        log.warning("evaluation: %s", warning)
     per_example: dict[str, list[dict]] = {}
     cap = cfg.generation_examples
 
@@ -429,6 +457,7 @@ def evaluate_model(
             continue
         name = roles[role]
         rows = list(splits[name])
+        notes[f"{role}_truncation"] = _truncation_note(name, truncation)
         sc = _split_scores(model, tokenizer, rows, role=role, max_length=max_length, batch_size=cfg.batch_size,
                            device=device, progress=progress, desc=f"scoring {name}")
         n_gen = len(rows) if cap is None else min(len(rows), max(cap, 0))
@@ -508,7 +537,8 @@ def evaluate_model(
     order = ["forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
              "forget_exact_mem", "forget_extraction_strength", *UTILITY_PARTS]
     metrics = {k: metrics.get(k) for k in order}
-    return EvalResult(metrics=metrics, notes=notes, per_example=per_example, forget_split=forget_split, roles=roles)
+    return EvalResult(metrics=metrics, notes=notes, per_example=per_example, forget_split=forget_split, roles=roles,
+                      truncation=truncation)
 
 
 # --------------------------------------------------------------------------- retain-model reference

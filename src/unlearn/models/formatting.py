@@ -5,6 +5,13 @@ tokens only, EOS included, so the prompt is masked with -100 in ``labels``.
 Prompt and answer are tokenised separately and concatenated, so the answer's
 token ids are identical whether it is scored, trained on or generated after the
 prompt (a joint tokenisation could merge tokens across the boundary).
+
+An example longer than ``max_length`` is cut from the right of its answer, but
+its last token stays EOS (open-unlearning re-appends EOS after cutting too): a
+cut answer that lost its EOS would teach the model never to stop, and its
+probability would silently cover a different token set than an uncut one.
+Whether a row was cut is recorded (:attr:`Encoded.truncated`) and counted by
+:mod:`unlearn.models.truncation`, so truncation is reported, never silent.
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ def format_answer(answer: str) -> str:
 
 @dataclass(frozen=True)
 class Encoded:
+    """One encoded QA example; ``truncated``: prompt + answer + EOS was longer than ``max_length`` and was cut."""
+
     input_ids: list[int]
     labels: list[int]
+    truncated: bool = False
 
 
 def ensure_pad(tokenizer) -> None:
@@ -42,19 +52,52 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     return list(tokenizer(format_prompt(question), add_special_tokens=True)["input_ids"])
 
 
+def encode_answer(tokenizer, answer: str) -> list[int]:
+    """The answer's token ids, without EOS (tokenised on its own: see the module docstring)."""
+    return list(tokenizer(format_answer(answer), add_special_tokens=False)["input_ids"])
+
+
 def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> Encoded:
     """Token ids of prompt + answer + EOS, labels = answer ids (+EOS), prompt masked.
 
-    Over-long examples are cut from the right of the answer; at least one answer
-    token is always kept so every example contributes to the loss.
+    Over-long examples are cut from the right of the answer and EOS is put back
+    as the last token (``answer[:room - 1] + [eos]``), so a cut answer still
+    teaches and scores the stop. At least one answer token is always kept (an
+    over-long prompt is cut instead), so every example contributes an answer
+    token and EOS to the loss. ``truncated`` says whether anything was cut.
     """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one answer token and EOS), got {max_length}")
+    eos = tokenizer.eos_token_id
     prompt = encode_prompt(tokenizer, question)
-    answer_ids = list(tokenizer(format_answer(answer), add_special_tokens=False)["input_ids"])
-    answer_ids.append(tokenizer.eos_token_id)
-    if len(prompt) >= max_length:
-        prompt = prompt[: max_length - 1]
-    answer_ids = answer_ids[: max_length - len(prompt)]
-    return Encoded(prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids)
+    answer_ids = encode_answer(tokenizer, answer)
+    truncated = len(prompt) + len(answer_ids) + 1 > max_length
+    if truncated:
+        prompt = prompt[: max_length - 2]  # room for >= 1 answer token + EOS
+        answer_ids = answer_ids[: max_length - len(prompt) - 1]
+    answer_ids.append(eos)
+    return Encoded(prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids, truncated)
+
+
+def qa_lengths(tokenizer, questions: Sequence[str], answers: Sequence[str]) -> list[int]:
+    """Untruncated length of each prompt + answer + EOS, exactly as :func:`encode_qa` counts it.
+
+    Row ``i`` is cut by ``encode_qa(..., max_length)`` iff ``qa_lengths(...)[i] > max_length``.
+    Tokenises in two batched calls (fast tokenizers parallelise them), so counting a whole
+    split costs far less than encoding it row by row.
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if not questions:
+        return []
+    prompts = tokenizer([format_prompt(q) for q in questions], add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer([format_answer(a) for a in answers], add_special_tokens=False)["input_ids"]
+    return [len(p) + len(a) + 1 for p, a in zip(prompts, answer_ids)]
+
+
+def count_truncated(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int) -> int:
+    """How many of the (question, answer) rows :func:`encode_qa` cuts at ``max_length``."""
+    return sum(1 for n in qa_lengths(tokenizer, questions, answers) if n > max_length)
 
 
 def encode_many(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int) -> list[Encoded]:
