@@ -32,9 +32,9 @@ def synthetic_rows(n: int, n_perturbed: int, seed: int = 0) -> list[dict]:
 
 def build_model(args, device):
     if args.model:
-        from unlearn.eval.tofu import load_model
+        from unlearn.eval.loading import load_eval_model
 
-        return load_model(args.model, device)
+        return load_eval_model(args.model, device)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -75,7 +75,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
-    from unlearn.eval.tofu import FORGET, _split_scores, generate_answers
+    from unlearn.eval.generation import generate_answers
+    from unlearn.eval.tofu_metrics import FORGET, split_scores
     from unlearn.models.formatting import ensure_pad
 
     model, tok = build_model(args, args.device)
@@ -86,10 +87,10 @@ def main() -> None:
           f"examples={args.n} pairs={n_pairs} batch={args.batch_size}")
 
     kw = dict(role=FORGET, max_length=args.max_length, batch_size=args.batch_size, device=args.device)
-    _split_scores(model, tok, rows[: min(8, len(rows))], **kw)  # warm-up
+    split_scores(model, tok, rows[: min(8, len(rows))], **kw)  # warm-up
     sync(args.device)
     t = time.perf_counter()
-    _split_scores(model, tok, rows, **kw)
+    split_scores(model, tok, rows, **kw)
     sync(args.device)
     dt = time.perf_counter() - t
     print(f"probability metrics: {args.n / dt:8.1f} examples/s  ({n_pairs / dt:.1f} scored pairs/s, {dt:.2f}s)")

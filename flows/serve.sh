@@ -23,4 +23,4 @@ echo "Prefect server: http://127.0.0.1:$PORT (log: $PREFECT_HOME/server.log)"
 echo "Serving unlearn/tofu, unlearn/muse, unlearn/requests. In another shell:"
 echo "  export PREFECT_API_URL=$PREFECT_API_URL"
 echo "  $BIN/prefect deployment run unlearn/tofu --watch"
-"$BIN/python" flows/unlearn.py serve
+"$BIN/python" flows/pipelines.py serve

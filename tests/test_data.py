@@ -23,7 +23,7 @@ from unlearn.data import (
     n_forget_authors,
     read_idk,
     read_split,
-    read_splits,
+    read_split_dir,
     validate_rows,
     write_splits,
 )
@@ -402,7 +402,7 @@ def test_write_read_roundtrip(syn40: dict, written: Path) -> None:
     assert manifest["forget10"] == {**manifest["forget10"], "rows": 80, "authors": 4}
     assert read_split(written, "forget10") == syn40["forget10"]
     assert read_idk(written) == syn40[IDK]
-    assert read_splits(written)["retain90"] == syn40["retain90"]
+    assert read_split_dir(written)["retain90"] == syn40["retain90"]
     raw = (written / "full.json").read_bytes()
     assert raw == (json.dumps(syn40["full"], ensure_ascii=False, sort_keys=True) + "\n").encode()
 
@@ -441,3 +441,91 @@ def test_read_split_errors(written: Path, tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("syn-a036", "syn-a999", 1))
     with pytest.raises(DataError, match=r"forget10\.json: sha256 .* does not match manifest\.json"):
         read_split(written, "forget10")
+
+
+# --- one split format: names, manifest, reader -------------------------------------------------------------
+
+
+def test_retain_rule_is_one_rule() -> None:
+    from unlearn.data.names import FORGET_SPLITS, retain_of
+    from unlearn.errors import UserError
+
+    assert [retain_of(f) for f in FORGET_SPLITS] == ["retain99", "retain95", "retain90", "retain_requests"]
+    assert [DataCfg(forget_split=f).retain_split for f in FORGET_SPLITS] == [retain_of(f) for f in FORGET_SPLITS]
+    with pytest.raises(UserError, match="unknown forget split 'forget20'; expected one of forget01"):
+        retain_of("forget20")
+
+
+def test_manifest_carries_the_forget_set_hash(syn40: dict, written: Path) -> None:
+    from unlearn.data import forget_set_hash
+
+    manifest = json.loads((written / "manifest.json").read_text())
+    for name in ("forget01", "forget05", "forget10"):
+        assert manifest[name]["forget_set_hash"] == forget_set_hash(syn40[name])
+    assert "forget_set_hash" not in manifest["retain90"] and "request_ids" not in manifest["forget10"]
+
+
+def test_read_split_dir_reads_what_is_asked_and_checks_it(syn40: dict, written: Path) -> None:
+    got = read_split_dir(written, ["forget10", "retain90"])
+    assert list(got) == ["forget10", "retain90"] and got["forget10"] == syn40["forget10"]
+    with pytest.raises(DataError, match="unknown split 'forget20'"):
+        read_split_dir(written, ["forget20"])
+    with pytest.raises(FileNotFoundError, match="has no split.s. forget_requests .manifest.json lists: forget01"):
+        read_split_dir(written, ["forget_requests"])
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json missing\): run `unlearn prepare`"):
+        read_split_dir(written.parent / "nowhere")
+    # retain90 holding a forget10 row (manifest kept in step, so only the cross-split rule can see it)
+    manifest = json.loads((written / "manifest.json").read_text())
+    leaked = syn40["retain90"] + syn40["forget10"][:1]
+    data = splits_mod.dumps_rows(leaked)
+    (written / "retain90.json").write_bytes(data)
+    manifest["retain90"].update(rows=len(leaked), sha256=splits_mod._sha256(data))
+    (written / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"forget10\.json, row 0, field 'author_id': forget split overlaps .*retain90\.json"):
+        read_split_dir(written, ["forget10", "retain90"])
+
+
+def test_request_split_set_goes_through_the_same_writer(syn40: dict, tmp_path: Path) -> None:
+    from unlearn.data import forget_set_hash
+    from unlearn.data.names import FORGET_REQUESTS, RETAIN_REQUESTS
+
+    forget = [r for r in syn40["full"] if r["author_id"] == "syn-a002"]
+    retain = [r for r in syn40["full"] if r["author_id"] != "syn-a002"]
+    splits = {FORGET_REQUESTS: forget, RETAIN_REQUESTS: retain, "world_facts": syn40["world_facts"]}
+    manifest = write_splits(splits, tmp_path / "req", request_ids=["b", "a"])
+    assert manifest[FORGET_REQUESTS]["request_ids"] == ["a", "b"]
+    assert manifest[FORGET_REQUESTS]["forget_set_hash"] == forget_set_hash(forget)
+    assert manifest[RETAIN_REQUESTS] == {"rows": len(retain), "authors": 39, "sha256": manifest[RETAIN_REQUESTS]["sha256"]}
+    assert read_split_dir(tmp_path / "req") == {n: splits[n] for n in sorted(splits)}
+    assert (tmp_path / "req" / "world_facts.json").read_bytes() == splits_mod.dumps_rows(syn40["world_facts"])  # same bytes as in tofu/
+    with pytest.raises(DataError, match="missing split.s.: retain_requests"):
+        write_splits({FORGET_REQUESTS: forget}, tmp_path / "bad", request_ids=[])
+    with pytest.raises(DataError, match="unknown split.s. 'full'"):
+        write_splits({**splits, "full": syn40["full"]}, tmp_path / "bad", request_ids=[])
+    with pytest.raises(DataError, match=r"forget_requests, row 0, field 'author_id': forget split overlaps retain_requests"):
+        write_splits({FORGET_REQUESTS: forget, RETAIN_REQUESTS: syn40["full"]}, tmp_path / "bad", request_ids=[])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_legacy_nested_request_manifest_is_read(syn40: dict, tmp_path: Path) -> None:
+    """Request split directories written before the formats were merged (versioned with DVC) stay readable."""
+    from unlearn.data.names import FORGET_REQUESTS, RETAIN_REQUESTS
+    from unlearn.data.splits import read_manifest
+
+    forget = [r for r in syn40["full"] if r["author_id"] == "syn-a002"]
+    retain = [r for r in syn40["full"] if r["author_id"] != "syn-a002"]
+    flat = write_splits({FORGET_REQUESTS: forget, RETAIN_REQUESTS: retain}, tmp_path / "req", request_ids=["r1"])
+    entries = {n: {k: e[k] for k in ("rows", "authors", "sha256")} for n, e in flat.items()}
+    nested = {"request_ids": ["r1"], "forget_set_hash": flat[FORGET_REQUESTS]["forget_set_hash"], "splits": entries}
+    (tmp_path / "req" / "manifest.json").write_text(json.dumps(nested))
+    assert read_manifest(tmp_path / "req") == flat
+    assert read_split_dir(tmp_path / "req")[FORGET_REQUESTS] == forget
+
+
+def test_split_file_error_is_picklable(written: Path) -> None:
+    from unlearn.data.splits import SplitFileError, load_split_file
+
+    with pytest.raises(SplitFileError) as info:
+        load_split_file(written, "forget05_missing", None)
+    again = pickle.loads(pickle.dumps(info.value))
+    assert (again.check, str(again)) == ("split_exists", str(info.value))

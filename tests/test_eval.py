@@ -30,7 +30,7 @@ from unlearn.eval import (
     teacher_forced_stats,
     write_report,
 )
-from unlearn.eval.tofu import REFERENCE_DIRNAME
+from unlearn.eval.reference_store import REFERENCE_DIRNAME
 from unlearn.models.formatting import PROMPT_TEMPLATE
 from unlearn.models.scoring import score_answers
 
@@ -412,9 +412,9 @@ def llama_dir(tmp_path_factory, tok):
 
 
 def test_hf_batched_generation_matches_unbatched(llama_dir):
-    from unlearn.eval.tofu import load_model
+    from unlearn.eval.loading import load_eval_model
 
-    m, t = load_model(llama_dir, "cpu")
+    m, t = load_eval_model(llama_dir, "cpu")
     qs = [r["question"] for r in FORGET + RETAIN + WORLD]
     batched = generate_answers(m, t, qs, max_new_tokens=6, batch_size=8)
     single = generate_answers(m, t, qs, max_new_tokens=6, batch_size=1)

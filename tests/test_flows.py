@@ -56,7 +56,7 @@ def run_flow(project: Path, *args: str, check: bool = True, extra_env: dict | No
     logs = project / ".prefect"
     out_f, err_f = logs / "flow.out", logs / "flow.err"
     with open(out_f, "w") as out, open(err_f, "w") as err:
-        proc = subprocess.Popen([sys.executable, "flows/unlearn.py", "run", *args], cwd=project, stdout=out,
+        proc = subprocess.Popen([sys.executable, "flows/pipelines.py", "run", *args], cwd=project, stdout=out,
                                 stderr=err, env=flow_env(project, **(extra_env or {})), start_new_session=True)
         try:
             rc = proc.wait(timeout=1800)
@@ -155,7 +155,7 @@ def test_served_deployments_run_and_fulfil_an_inbox_request(project):
                 time.sleep(1)
         else:
             pytest.fail("Prefect server did not start:\n" + (logs / "server.log").read_text()[-3000:])
-        served = subprocess.Popen([sys.executable, "flows/unlearn.py", "serve"], cwd=project, env=e,
+        served = subprocess.Popen([sys.executable, "flows/pipelines.py", "serve"], cwd=project, env=e,
                                   stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
 

@@ -149,3 +149,56 @@ def test_saved_model_reloads_with_identical_logits(tok, tmp_path):
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")
+
+
+def test_weights_hash_follows_file_contents_and_names(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "model.safetensors").write_bytes(b"w" * (3 << 20))  # > one 1 MiB read chunk
+    h = weights_hash(a)
+    (a / "config.json").write_text("{}")  # not a weight file
+    assert weights_hash(a) == h
+    (a / "model.safetensors").write_bytes(b"w" * (3 << 20) + b"!")
+    assert weights_hash(a) != h
+    (a / "model.safetensors").write_bytes(b"w" * (3 << 20))
+    (a / "model.safetensors").rename(a / "model-00001.safetensors")
+    assert weights_hash(a) != h
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        weights_hash(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------- the one teacher-forced pass
+
+def test_teacher_forced_pass_yields_every_row_once_right_padded(tok):
+    from unlearn.models.teacher_forced import teacher_forced_pass
+
+    model = build_model(TINY, tok, 0).eval()
+    enc = encode_many(tok, [q for q, _ in QA] * 2, [a for _, a in QA] * 2, 64)
+    for by_length in (True, False):
+        seen = []
+        for b in teacher_forced_pass(model, enc, pad_id=tok.pad_token_id, batch_size=3, by_length=by_length):
+            seen += b.rows
+            ref = collate([enc[i] for i in b.rows], tok.pad_token_id)
+            assert torch.equal(b.input_ids, ref["input_ids"]) and torch.equal(b.labels, ref["labels"])
+            assert b.logits.shape[:2] == b.input_ids.shape and not b.logits.requires_grad
+            assert torch.equal(b.answer_mask, b.labels[:, 1:] != IGNORE)
+            with torch.no_grad():
+                direct = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).logits
+            assert torch.equal(b.logits, direct)
+        assert sorted(seen) == list(range(len(enc)))
+        if by_length:
+            assert [len(enc[i].input_ids) for i in seen] == sorted(len(e.input_ids) for e in enc)
+        else:
+            assert seen == list(range(len(enc)))
+
+
+def test_score_answers_does_not_depend_on_the_batching(tok):
+    from unlearn.models.scoring import score_answers
+
+    model = build_model(TINY, tok, 0).eval()
+    qs, ans = [q for q, _ in QA], [a for _, a in QA]
+    one_by_one = [score_answers(model, tok, [q], [a], 64) for q, a in QA]
+    nll, n = score_answers(model, tok, qs, ans, 64, batch_size=3)
+    torch.testing.assert_close(torch.tensor(nll), torch.tensor([x[0][0] for x in one_by_one]), rtol=1e-5, atol=1e-5)
+    assert n.tolist() == [x[1][0] for x in one_by_one]
+    assert n.tolist() == [sum(1 for t in e.labels if t != IGNORE) for e in encode_many(tok, qs, ans, 64)]

@@ -13,11 +13,9 @@ import yaml
 from typer.testing import CliRunner
 
 from unlearn.config import ConfigError, load_params
+from unlearn.data.names import FORGET_REQUESTS, FORGET_REQUESTS_PERTURBED, RETAIN_REQUESTS
 from unlearn.data.synthetic import generate_tofu
 from unlearn.requests import (
-    FORGET,
-    FORGET_PERTURBED,
-    RETAIN,
     InboxError,
     Ledger,
     RequestError,
@@ -356,31 +354,35 @@ def test_build_request_splits_is_disjoint_by_author_and_pure(tofu, full, tmp_pat
         full, forget, real_authors=tofu["real_authors"], world_facts=tofu["world_facts"], retain_perturbed=tofu["retain_perturbed"]
     )
     assert (full, forget, tofu["retain_perturbed"]) == before  # inputs untouched
-    assert [r["id"] for r in splits[FORGET]] == [r["id"] for r in full if r["id"] in {f["id"] for f in forget}]
+    assert [r["id"] for r in splits[FORGET_REQUESTS]] == [r["id"] for r in full if r["id"] in {f["id"] for f in forget}]
     forget_authors = {"syn-a001", partial_author}
-    assert {r["author_id"] for r in splits[RETAIN]}.isdisjoint(forget_authors)
-    assert len(splits[RETAIN]) == len(full) - sum(r["author_id"] in forget_authors for r in full)
+    assert {r["author_id"] for r in splits[RETAIN_REQUESTS]}.isdisjoint(forget_authors)
+    assert len(splits[RETAIN_REQUESTS]) == len(full) - sum(r["author_id"] in forget_authors for r in full)
     # the rest of a partly requested author is in neither split
-    assert not any(r["author_id"] == partial_author and r["id"] != full[45]["id"] for r in splits[FORGET] + splits[RETAIN])
+    assert not any(r["author_id"] == partial_author and r["id"] != full[45]["id"] for r in splits[FORGET_REQUESTS] + splits[RETAIN_REQUESTS])
     assert splits["retain_perturbed"] == tofu["retain_perturbed"]  # retain_perturbed = the first author (syn-a000)
     # requesting a retain_perturbed author removes its rows there (here: all of them, so the split is absent)
     first = build_request_splits(full, author_rows(full, "syn-a000"), retain_perturbed=tofu["retain_perturbed"])
-    assert "retain_perturbed" not in first and {r["author_id"] for r in first[RETAIN]} == {f"syn-a00{i}" for i in range(1, 6)}
+    assert "retain_perturbed" not in first and {r["author_id"] for r in first[RETAIN_REQUESTS]} == {f"syn-a00{i}" for i in range(1, 6)}
     mixed = tofu["retain_perturbed"] + author_rows(tofu["full"], "syn-a003")
     kept = build_request_splits(full, author_rows(full, "syn-a003"), retain_perturbed=mixed)["retain_perturbed"]
     assert kept == tofu["retain_perturbed"]
     assert splits["real_authors"] == tofu["real_authors"] and splits["world_facts"] == tofu["world_facts"]
-    assert [r["id"] for r in splits[FORGET_PERTURBED]] == [r["id"] for r in splits[FORGET]]
+    assert [r["id"] for r in splits[FORGET_REQUESTS_PERTURBED]] == [r["id"] for r in splits[FORGET_REQUESTS]]
 
     no_pert = [dict(r, paraphrased_answer=None, perturbed_answer=None) for r in full]
-    assert FORGET_PERTURBED not in build_request_splits(no_pert, forget)
+    assert FORGET_REQUESTS_PERTURBED not in build_request_splits(no_pert, forget)
     with pytest.raises(RequestError, match="empty forget set"):
         build_request_splits(full, [])
 
     manifest = write_request_splits(splits, tmp_path / "req", request_ids=["r2", "r1"], forget_set_hash=forget_set_hash(forget))
-    assert manifest["request_ids"] == ["r1", "r2"]
+    assert manifest[FORGET_REQUESTS]["request_ids"] == ["r1", "r2"]  # the forget split's entry of the one manifest format
     back, m2 = read_request_splits(tmp_path / "req")
-    assert m2 == manifest and back[FORGET] == splits[FORGET] and back[RETAIN] == splits[RETAIN]
+    assert m2 == manifest and back[FORGET_REQUESTS] == splits[FORGET_REQUESTS] and back[RETAIN_REQUESTS] == splits[RETAIN_REQUESTS]
+    assert manifest[FORGET_REQUESTS]["forget_set_hash"] == forget_set_hash(forget)
+    with pytest.raises(RequestError, match="is not the hash of the 21 forget_requests rows"):
+        write_request_splits(splits, tmp_path / "req2", request_ids=["r1"], forget_set_hash=forget_set_hash(forget[1:]))
+    assert not (tmp_path / "req2").exists()
 
 
 # --------------------------------------------------------------------------- audit
@@ -518,3 +520,30 @@ def test_cli_add_list_ingest_show(project, tofu):
     assert res.exit_code == 0 and "- -> pending" in res.output and "syn-a002" in res.output
     res = runner.invoke(request_app, ["list", "--set", "requests.bogus=1"])
     assert res.exit_code == 2 and "requests.bogus" in res.output
+
+
+# --------------------------------------------------------------------------- the request cycle (no models)
+def test_request_paths_are_spelled_once():
+    from unlearn.requests import RequestPaths
+
+    rp = RequestPaths("0123456789abcdef" * 4)
+    assert rp.key == "0123456789ab"
+    assert rp.splits_dir == Path("data/requests/splits/0123456789ab")
+    assert (rp.retain_dir, rp.unlearned_dir) == (Path("models/requests/0123456789ab/retain"),
+                                                 Path("models/requests/0123456789ab/unlearned"))
+    assert rp.reports_dir == Path("reports/requests/0123456789ab")
+    p = load_params("/nonexistent.yaml", rp.overrides())
+    assert (p.data.out_dir, p.data.forget_split, p.data.retain_split) == (str(rp.splits_dir), FORGET_REQUESTS, RETAIN_REQUESTS)
+    assert p.reports_dir == str(rp.reports_dir)
+
+
+def test_request_run_needs_the_base_pipeline_and_claims_nothing_without_it(project, tofu):
+    from unlearn.requests.cli import request_app
+
+    runner = CliRunner()
+    assert runner.invoke(request_app, ["add", "req-1", "--author", "syn-a002"]).exit_code == 0
+    res = runner.invoke(request_app, ["run"])
+    assert res.exit_code == 2, res.output
+    assert "no target model at models/target" in res.output and "dvc repro" in res.output
+    with Ledger("sqlite:///data/requests/ledger.db") as led:
+        assert led.get("req-1").status == "pending" and len(led.events("req-1")) == 1

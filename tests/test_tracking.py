@@ -6,6 +6,7 @@ test uses its own registered-model name, so aliases never leak between tests.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -63,37 +64,17 @@ def make_params(store_cfg, registered_model: str, **extra) -> Params:
 
 
 def submit(p, model_dir, report_dir, fq, mu, hashes=HASHES_A, request_ids=("req-1",)):
-    return tracking.register_if_passing(
-        p, model_dir=model_dir, metrics={"forget_quality": fq, "model_utility": mu, "forget_rouge": None},
+    run = tracking.UnlearningRun(
+        model_dir=model_dir, metrics={"forget_quality": fq, "model_utility": mu, "forget_rouge": None},
         target_metrics=TARGET, loss_log=LOSS_LOG, report_dir=report_dir, data_hashes=hashes, git_commit="abc123",
         request_ids=list(request_ids),
     )
+    return tracking.register_if_passing(p, run)
 
 
-# --------------------------------------------------------------------------- the gate (no store)
+# --------------------------------------------------------------------------- configuration (no store)
+# The gate itself (unlearn.gate) is tested in tests/test_gate.py.
 GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
-
-
-def test_gate_passes():
-    d = tracking.gate_decision({"forget_quality": 0.5, "model_utility": 0.55}, TARGET, GATE)
-    assert d.passed and d.reasons == []
-
-
-def test_gate_fails_on_forget_quality():
-    d = tracking.gate_decision({"forget_quality": 0.01, "model_utility": 0.59}, TARGET, GATE)
-    assert not d.passed and len(d.reasons) == 1 and "forget_quality" in d.reasons[0]
-
-
-def test_gate_fails_on_utility_ratio():
-    d = tracking.gate_decision({"forget_quality": 0.9, "model_utility": 0.53}, TARGET, GATE)  # < 0.9 * 0.60
-    assert not d.passed and len(d.reasons) == 1 and "model_utility" in d.reasons[0]
-
-
-def test_gate_none_metric_fails_with_reason():
-    d = tracking.gate_decision({"forget_quality": None, "model_utility": 0.59}, TARGET, GATE)
-    assert not d.passed and "forget_quality is missing" in d.reasons[0]
-    d = tracking.gate_decision({"forget_quality": 0.9, "model_utility": 0.59}, {"model_utility": None}, GATE)
-    assert not d.passed and "target model_utility" in d.reasons[0]
 
 
 def test_gate_config_defaults_and_overrides():
@@ -173,11 +154,8 @@ def test_champion_challenger(store, model_dir, report_dir):
     assert (got / "config.json").read_text() == (model_dir / "config.json").read_text()
 
 
-def test_register_stage_run_contents(store, model_dir, report_dir, tmp_path, monkeypatch):
-    """The stage end to end: reads reports/ + manifest + dvc.lock, logs everything, writes decision.json."""
-    cfg, client = store
-    monkeypatch.chdir(tmp_path)
-    p = make_params(cfg, "rm-stage")
+def stage_project(p, model_dir, report_dir, tmp_path) -> Path:
+    """What the register stage reads, under tmp_path: manifest, dvc.lock, evaluations, the run's loss log."""
     p.data.out_dir = str(tmp_path / "data" / "tofu")
     p.model.out_dir = str(tmp_path / "models")
     p.reports_dir = str(tmp_path / "reports")
@@ -197,6 +175,15 @@ def test_register_stage_run_contents(store, model_dir, report_dir, tmp_path, mon
     write_json(rdir / "eval" / "target" / "metrics.json", TARGET)
     # The loss log lives with the run that wrote the model (an --out run: <model>.reports/).
     write_json(stages.run_reports_dir(p, model_dir, stages.model_dir(p, "unlearned"), "forget") / "loss.json", LOSS_LOG)
+    return rdir
+
+
+def test_register_stage_run_contents(store, model_dir, report_dir, tmp_path, monkeypatch):
+    """The stage end to end: reads reports/ + manifest + dvc.lock, logs everything, writes decision.json."""
+    cfg, client = store
+    monkeypatch.chdir(tmp_path)
+    p = make_params(cfg, "rm-stage")
+    rdir = stage_project(p, model_dir, report_dir, tmp_path)
 
     d = stages.register(p, model_path=model_dir, request_ids=["req-7", "req-9"])
     assert d == read_json(rdir / "register" / "decision.json")
@@ -224,3 +211,36 @@ def test_register_stage_run_contents(store, model_dir, report_dir, tmp_path, mon
     # artifacts went to the configured artifact location, not ./mlruns
     assert not (tmp_path / "mlruns").exists()
     assert run.info.artifact_uri.startswith(("file://" + cfg["artifact_location"], cfg["artifact_location"]))
+
+
+def test_registered_version_carries_what_the_audit_reads(store, model_dir, report_dir, tmp_path, monkeypatch):
+    """One pass: the version is created with the forget-set row count, every parameter (params.*) and the
+    per-request evidence; `unlearn audit --model` shows them; the audit page is rendered from the same tags."""
+    from unlearn.requests import Ledger, requests_settings
+
+    cfg, client = store
+    monkeypatch.chdir(tmp_path)
+    p = make_params(cfg, "rm-audit")
+    rdir = stage_project(p, model_dir, report_dir, tmp_path)
+    full = [{"id": "row-1", "author_id": "a1", "question": "Who is A?", "answer": "A is a writer."}]
+    write_json(Path(p.data.out_dir) / f"{p.data.forget_split}.json", full)  # the request's row, in the forget split
+    for name, prob in (("target", 0.9), ("unlearned", 0.1)):
+        (rdir / "eval" / name).mkdir(parents=True, exist_ok=True)
+        (rdir / "eval" / name / "per_example.jsonl").write_text(
+            json.dumps({"id": "row-1", "split": f"{p.data.forget_split}_perturbed", "prob": prob}) + "\n")
+    with Ledger(requests_settings(p).url) as led:
+        led.add("req-a", "rows", ["row-1"], known_rows=full)
+    monkeypatch.setattr(stages, "read_splits", lambda p, names: {names[0]: full})
+
+    d = stages.register(p, model_path=model_dir, request_ids=["req-a"])
+    assert d["passed"] and d["request_evidence"] == {"req-a": {"prob_before": 0.9, "prob_after": 0.1}}
+    tags = client.get_model_version("rm-audit", d["version"]).tags
+    assert tags["forget_rows"] == "1" and tags["params.method.name"] == "dipo" and tags["role"] == "champion"
+    assert tags["params.tracking.registered_model"] == "rm-audit"
+    assert float(tags["request.req-a.prob_after"]) == 0.1 and tags["request_ids"] == "req-a"
+    text = stages.audit(p, model_version=d["version"])
+    assert "(1 rows)" in text and "n/a rows" not in text
+    assert "method.name=dipo" in text and "req-a" in text
+    page = Path(mlflow.artifacts.download_artifacts(run_id=d["run_id"], artifact_path="audit/audit.html",
+                                                    tracking_uri=cfg["uri"])).read_text()
+    assert "rm-audit v1" in page and "req-a" in page and "row-1" in page and "0.1000" in page

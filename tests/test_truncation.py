@@ -3,7 +3,6 @@ pipeline wiring that lets the gate count them, and the real-TOFU configuration's
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -119,26 +118,7 @@ def test_dvc_runs_the_tokenizer_before_the_gate_and_the_gate_before_training():
         assert "reports/validation/result.json" in stages[s]["deps"]  # the gate still stops all training
 
 
-def test_flow_cache_keys_cover_the_tokenizer(tmp_path):
-    pytest.importorskip("prefect")
-    spec = importlib.util.spec_from_file_location("flows_unlearn_under_test", ROOT / "flows" / "unlearn.py")
-    flows = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flows)
-    from unlearn.config import ModelCfg, Params
-
-    p = Params(model=ModelCfg(out_dir=str(tmp_path / "models")))
-    tok_file = tmp_path / "models" / "tokenizer" / "tokenizer.json"
-    ins, outs, _ = flows._io("tokenizer", p, {})
-    assert outs == [tmp_path / "models" / "tokenizer"]
-    ins, _, _ = flows._io("finetune", p, {"role": "target"})
-    assert tok_file in ins
-    real = Params(model=ModelCfg(out_dir=str(tmp_path / "models"), path="some/checkpoint"))
-    assert flows._io("tokenizer", real, {})[1] == []
-    assert tok_file not in flows._io("finetune", real, {"role": "target"})[0]
-    src = (ROOT / "flows" / "unlearn.py").read_text()
-    for flow in ("def tofu_pipeline", "def requests_pipeline"):
-        body = src[src.index(flow):]
-        assert body.index("tokenizer_task") < body.index("validate_task(") < body.index("finetune_task"), flow
+# test_flow_cache_keys_cover_the_tokenizer moved to tests/test_stage_io.py with the declaration it tests.
 
 
 # ----------------------------------------------------------------- real TOFU

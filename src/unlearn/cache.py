@@ -37,21 +37,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .io import stable_hash
+from .io import atomic_write, stable_hash
 from .precision import MIXED_PRECISIONS, Precision, autocast_context, resolve_precision  # noqa: F401 (re-exported)
 from .models import formatting
-from .models.formatting import IGNORE, Encoded, collate
+from .models.formatting import IGNORE, Encoded
+from .models.teacher_forced import teacher_forced_pass
 
 log = logging.getLogger("unlearn.cache")
 FORMAT_VERSION = 2
@@ -176,15 +174,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None
     """Atomic safetensors write with the key and a content digest in the metadata."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"key": key, "sha256": _digest(tensors)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    meta = {"key": key, "sha256": _digest(tensors)}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=meta))
 
 
 def load_tensors(
@@ -228,7 +220,8 @@ def reference_pass(
 ) -> dict[str, torch.Tensor]:
     """One batched forward pass of the reference model over (question, answer) rows (or pre-``encoded`` rows).
 
-    The model is moved to ``device`` and its forward runs under
+    The pass is the shared :func:`~unlearn.models.teacher_forced.teacher_forced_pass`
+    (the one scoring and evaluation use). The model is moved to ``device`` and its forward runs under
     :func:`autocast_context` (what accelerate does to the policy's forward), so
     with ``mixed_precision`` set to the training run's, the cached numbers are
     the ones the policy computes at theta = ref. Everything after the logits
@@ -240,7 +233,6 @@ def reference_pass(
         encoded = formatting.encode_many(tokenizer, questions, answers, max_length)
     dev = torch.device(device)
     model.to(dev)
-    model.eval()
     enc = list(encoded)
     S = max_length - 1
     n = len(enc)
@@ -251,27 +243,22 @@ def reference_pass(
             topk_logp=torch.full((n, S, top_k), -1e4, dtype=torch.float16),
             lse=torch.zeros(n, S),
         )
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
-        batch = collate(enc[start:start + batch_size], tokenizer.pad_token_id)
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        with autocast_context(dev.type, mixed_precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = logits.float()
-        lg, lb = logits[:, :-1], batch["labels"][:, 1:]
-        w = lg.size(1)
+    # Input order (by_length=False): the order every stored cache file was computed in.
+    for b in teacher_forced_pass(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=dev,
+                                 mixed_precision=mixed_precision, by_length=False, progress=True, desc=desc):
+        lg, lb, mask = b.logits.float()[:, :-1], b.next_labels, b.answer_mask
+        w, rows = lg.size(1), b.index
         lse = torch.logsumexp(lg, dim=-1)
         logp = lg - lse.unsqueeze(-1)
-        mask = lb != IGNORE
         lab = logp.gather(-1, lb.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1) * mask
-        sl = slice(start, start + lg.size(0))
-        out["label_logp"][sl, :w] = lab.cpu()
-        out["seq_logp"][sl] = lab.sum(-1).cpu()
+        out["label_logp"][rows, :w] = lab.cpu()
+        out["seq_logp"][rows] = lab.sum(-1).cpu()
         if with_topk:
             k = min(top_k, lg.size(-1))
             vals, ids = logp.topk(k, dim=-1)
-            out["topk_ids"][sl, :w, :k] = ids.int().cpu()
-            out["topk_logp"][sl, :w, :k] = vals.half().cpu()
-            out["lse"][sl, :w] = lse.cpu()
+            out["topk_ids"][rows, :w, :k] = ids.int().cpu()
+            out["topk_logp"][rows, :w, :k] = vals.half().cpu()
+            out["lse"][rows, :w] = lse.cpu()
     return out
 
 

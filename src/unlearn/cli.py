@@ -292,12 +292,33 @@ def summary(
             typer.echo("  ".join("-" * w for w in widths))
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}"
-    return str(v)
+def _fmt(v: object) -> str:
+    """The summary table's cells: the project's one number format (:func:`unlearn.fmt.fmt_number`)."""
+    from .fmt import fmt_number
+
+    return fmt_number(v)
+
+
+@app.command("params")
+@friendly_errors
+def params_(
+    names: Annotated[Optional[list[str]], typer.Argument(help="only these knobs or sections, e.g. method.dipo or "
+                                                              "seed (default: all)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    markdown: Annotated[bool, typer.Option(help="print the Markdown reference instead (docs/params.md is "
+                                                "`unlearn params --markdown`)")] = False,
+) -> None:
+    """Print every knob of params.yaml: its dotted name (as --set takes it), type and bounds, the code's default,
+    the value --params/--set give it, and what it does. Fails, naming the key, if the parameters are invalid."""
+    from .config import knobs, knobs_table, params_markdown, select_knobs
+
+    p = _params(params, set_)
+    rows = select_knobs(knobs(p), names)
+    if markdown:
+        typer.echo(params_markdown(p, rows, source=str(params) + (" + --set" if set_ else "")), nl=False)
+    else:
+        typer.echo(knobs_table(rows))
 
 
 def _mount_subapps() -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
+
+from .errors import UserError
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (see params.yaml for every knob)")]
 SetOpt = Annotated[
@@ -14,25 +17,28 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override one parameter, e.g. --set method.name=npo (repeatable)"),
 ]
 
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+"""Errors caused by the user's input (bad params, data, requests, missing files), not by a bug.
 
-def known_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input (bad params, data, requests, missing files), not by a bug."""
-    from .config import ConfigError
-    from .data.schema import DataError
-    from .requests.ledger import RequestError
+:class:`~unlearn.errors.UserError` is the base of every such error the project
+raises; FileNotFoundError is the standard library's "a required input is missing".
+"""
 
-    return (ConfigError, DataError, RequestError, FileNotFoundError)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def friendly_errors(fn):
-    """Known error kinds become one clear message on stderr and exit code 2 (no traceback wall)."""
+def friendly_errors(fn: F) -> F:
+    """Known error kinds become one clear message on stderr and exit code 2 (no traceback wall).
+
+    Anything else is a bug and keeps its traceback.
+    """
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except known_errors() as e:
+        except USER_ERRORS as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
 
-    return wrapper
+    return wrapper  # type: ignore[return-value]

@@ -1,155 +1,325 @@
-"""Typed view of ``params.yaml``.
+"""Typed view of ``params.yaml``: every section, every knob, each with a one-line description.
 
 Every stage reads its knobs from here rather than from ad-hoc dicts, so a typo
 in ``params.yaml`` (or in a ``--set a.b=value`` override) fails at start-up with
-the offending key named, not half-way through a training run.
+the offending key named, not half-way through a training run. That includes the
+sections only the last stages read (``gate``, ``tracking``, ``requests``): a bad
+gate used to surface only at registration, after the whole pipeline had run.
+An unknown top-level section is an error for the same reason.
+
+The descriptions are data, not comments: :func:`knobs` lists every knob with its
+type, default, current value and description; ``unlearn params`` prints that list
+and ``docs/params.md`` is generated from it (``tests/test_config.py`` fails when the
+file is stale), so the reference cannot drift from the code.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import json
+import types
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
 
 
 class _Strict(BaseModel):
+    """Base of every section: an unknown key is an error, so a typo never silently falls back to a default."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class _NullMeansDefault(_Strict):
+    """A section in which ``key: null`` (or an empty string) means "use the default".
+
+    Why: before ``gate``/``tracking`` were typed, their readers did ``value or DEFAULT``,
+    so a ``params.yaml`` with ``experiment: null`` or a blanked-out value worked; it still does.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in cls.model_fields and (v is None or v == ""))}
+        return data
+
+
 class SyntheticCfg(_Strict):
-    n_authors: int = Field(40, ge=3)
-    qa_per_author: int = Field(20, ge=1, le=20)
-    seed: int = 0
+    """``data.synthetic``: the generator of fictitious TOFU-style authors (``data.source: synthetic``)."""
+
+    n_authors: int = Field(40, ge=3, description="fictitious authors to generate")
+    qa_per_author: int = Field(20, ge=1, le=20, description="QA pairs per author (TOFU has 20)")
+    seed: int = Field(0, description="seed of the generator (names, facts, perturbed answers)")
 
 
 class DataCfg(_Strict):
-    source: Literal["synthetic", "local", "hub"] = "synthetic"
-    out_dir: str = "data/tofu"
-    local_dir: str = "../shared/data/tofu"
-    hub_id: str = "locuslab/TOFU"
-    forget_split: Literal["forget01", "forget05", "forget10", "forget_requests"] = "forget10"
-    synthetic: SyntheticCfg = SyntheticCfg()
+    """``data``: where the QA rows come from and where the prepared splits go."""
+
+    source: Literal["synthetic", "local", "hub"] = Field(
+        "synthetic", description="generated authors, a local directory of TOFU files, or the Hugging Face hub")
+    out_dir: str = Field("data/tofu", description="where the prepared splits and manifest.json are written (a DVC output)")
+    local_dir: str = Field("../shared/data/tofu",
+                           description="source=local: directory of TOFU JSON/JSONL files (relative to the project root)")
+    hub_id: str = Field("locuslab/TOFU", description="source=hub: dataset id for datasets.load_dataset(hub_id, split)")
+    forget_split: Literal["forget01", "forget05", "forget10", "forget_requests"] = Field(
+        "forget10", description="split to unlearn; its retain split is the complement (forget_requests: the request flow's)")
+    synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg, description="source=synthetic: the generator's knobs")
 
     @property
     def retain_split(self) -> str:
-        """TOFU convention: retainXX is the complement of forget(100-XX); request splits pair up by name."""
-        if self.forget_split == "forget_requests":
-            return "retain_requests"
-        return "retain" + str(100 - int(self.forget_split[-2:]))
+        """The retain split paired with ``forget_split`` (forget10 -> retain90, forget_requests -> retain_requests).
+
+        The rule is :func:`unlearn.data.names.retain_of`, written once; it is imported here, not at the top,
+        because the data package imports this module.
+        """
+        from .data.names import retain_of
+
+        return retain_of(self.forget_split)
 
 
 class TokenizerCfg(_Strict):
-    vocab_size: int = Field(2048, ge=300)
+    """``model.tokenizer``: the byte-level BPE tokenizer trained on the splits (not used with ``model.path``)."""
+
+    vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size")
 
 
 class ArchCfg(_Strict):
-    hidden_size: int = 192
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 4
-    intermediate_size: int = 576
-    max_position_embeddings: int = 128
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = True
+    """``model.arch``: ``LlamaConfig`` fields of the from-scratch model (not used with ``model.path``)."""
+
+    hidden_size: int = Field(192, description="width of the residual stream")
+    num_hidden_layers: int = Field(4, description="transformer blocks")
+    num_attention_heads: int = Field(4, description="attention heads per block")
+    num_key_value_heads: int = Field(4, description="key/value heads (fewer than attention heads: grouped-query attention)")
+    intermediate_size: int = Field(576, description="width of the MLP")
+    max_position_embeddings: int = Field(128, description="longest sequence the model takes (keep >= model.max_length)")
+    rope_theta: float = Field(10000.0, description="RoPE base frequency")
+    tie_word_embeddings: bool = Field(True, description="share the input embedding and output projection weights")
 
 
 class ModelCfg(_Strict):
-    path: str | None = None
-    out_dir: str = "models"
-    max_length: int = Field(96, ge=8)
-    tokenizer: TokenizerCfg = TokenizerCfg()
-    arch: ArchCfg = ArchCfg()
+    """``model``: the model to fine-tune and where the trained models go."""
+
+    path: str | None = Field(
+        None, description="null: build the small Llama of model.arch; else a local Hugging Face directory or a hub id")
+    out_dir: str = Field("models", description="where the tokenizer/, target/, retain/ and unlearned/ models are written")
+    max_length: int = Field(
+        96, ge=8, description="tokens per QA example (prompt + answer + EOS); longer rows are cut, EOS kept")
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg, description="the tokenizer trained from the splits")
+    arch: ArchCfg = Field(default_factory=ArchCfg, description="architecture of the from-scratch model")
 
 
-class FinetuneCfg(_Strict):
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    grad_accum: int = Field(1, ge=1)
-    include_general: bool = True
+# The optimiser knobs shared by fine-tuning and unlearning: one definition of each constraint and description.
+# OptimCfg's own defaults are train.LoopCfg's; each stage's section states its own run size (and overrides).
+Epochs = Annotated[int, Field(ge=1, description="passes over the training rows")]
+BatchSize = Annotated[int, Field(ge=1, description="rows per micro-batch per process (a step: x processes x grad_accum)")]
+LearningRate = Annotated[float, Field(gt=0, description="peak AdamW learning rate (linear warm-up, then linear decay to 0)")]
+WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay (not on biases and norms)")]
+WarmupRatio = Annotated[float, Field(ge=0, le=1, description="share of the optimizer steps spent warming up the learning rate")]
+GradAccum = Annotated[int, Field(ge=1, description="micro-batches accumulated per optimizer step")]
+
+
+class OptimCfg(_Strict):
+    """The optimiser section shared by ``finetune`` and ``method``; ``train.LoopCfg.from_optim`` turns it into a loop.
+
+    Why a base class: the two stages had six copies of the same fields, and the loop
+    config was assembled by hand from each; a knob added to one copy was easily missed
+    in the other. The flat keys keep ``params.yaml`` unchanged.
+    """
+
+    epochs: Epochs
+    batch_size: BatchSize
+    lr: LearningRate
+    weight_decay: WeightDecay = 0.0
+    warmup_ratio: WarmupRatio = 0.0
+    grad_accum: GradAccum = 1
+
+
+class FinetuneCfg(OptimCfg):
+    """``finetune``: training the target and retain models (:func:`unlearn.stages.finetune`)."""
+
+    epochs: Epochs = 12
+    batch_size: BatchSize = 32
+    lr: LearningRate = 3e-3
+    weight_decay: WeightDecay = 0.01
+    warmup_ratio: WarmupRatio = 0.1
+    include_general: bool = Field(
+        True, description="also train on the real_authors/world_facts-style sets (general knowledge, for utility)")
 
 
 class DiPOCfg(_Strict):
-    k: int = Field(1, ge=1)
-    gamma: float = Field(5.0, ge=0)
-    beta: float = Field(0.1, gt=0)
-    mask: Literal["topk", "gold"] = "topk"
-    reference: Literal["fixed", "online"] = "fixed"
+    """``method.dipo``: DiPO's knobs (methods dipo and dipo_forget)."""
+
+    k: int = Field(1, ge=1, description="memory set = the top-k reference tokens per answer position")
+    gamma: float = Field(5.0, ge=0, description="logit shift that builds p+ (l - gamma) and p- (l + gamma)")
+    beta: float = Field(0.1, gt=0, description="reward scale; the loss is -(2/beta) log sigmoid(Delta)")
+    mask: Literal["topk", "gold"] = Field("topk", description="memory set: the top-k reference tokens, or the gold token")
+    reference: Literal["fixed", "online"] = Field(
+        "fixed", description="fixed: the frozen target (from the cache); online: the current model, detached")
 
 
 class NPOCfg(_Strict):
-    beta: float = Field(0.1, gt=0)
+    """``method.npo``: NPO's knobs (methods npo and npo_rt)."""
+
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the NPO loss")
 
 
 class SimNPOCfg(_Strict):
-    beta: float = Field(4.5, gt=0)
-    delta: float = 0.0
-    forget_weight: float = 0.125
+    """``method.simnpo``: SimNPO's knobs (open-unlearning's convention)."""
+
+    beta: float = Field(4.5, gt=0, description="inverse temperature of the length-normalised NPO loss")
+    delta: float = Field(0.0, description="reward margin, inside the beta scaling (the paper's gamma = beta * delta)")
+    forget_weight: float = Field(0.125, description="weight of the forget term (loss = forget_weight * SimNPO + alpha * retain)")
 
 
 class DPOCfg(_Strict):
-    beta: float = Field(0.1, gt=0)
+    """``method.dpo``: DPO's knobs (method dpo_idk: refusals preferred over the forget answers)."""
+
+    beta: float = Field(0.1, gt=0, description="inverse temperature of the DPO loss")
 
 
 class UndialCfg(_Strict):
-    beta: float = Field(10.0, ge=0)
+    """``method.undial``: UNDIAL's knobs (self-distillation on a reference with the gold logit lowered)."""
+
+    beta: float = Field(10.0, ge=0, description="how far the gold token's reference logit is lowered")
 
 
-class MethodCfg(_Strict):
-    name: str = "dipo"
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    grad_accum: int = Field(1, ge=1)
-    alpha: float = Field(1.0, ge=0, description="weight of the retain term")
-    retain_loss: Literal["nll", "kl"] = "nll"
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
-    dipo: DiPOCfg = DiPOCfg()
-    npo: NPOCfg = NPOCfg()
-    simnpo: SimNPOCfg = SimNPOCfg()
-    dpo: DPOCfg = DPOCfg()
-    undial: UndialCfg = UndialCfg()
+class MethodCfg(OptimCfg):
+    """``method``: the unlearning method and its run (:func:`unlearn.stages.forget`)."""
+
+    epochs: Epochs = 5
+    batch_size: BatchSize = 16
+    lr: LearningRate = 5e-4
+    name: str = Field("dipo", description="dipo | dipo_forget | ga | graddiff | npo | npo_rt | simnpo | dpo_idk | undial")
+    alpha: float = Field(1.0, ge=0, description="weight of the retain term (0: no retain pass)")
+    retain_loss: Literal["nll", "kl"] = Field(
+        "nll", description="retain term: NLL of the retain answers, or KL to the reference (kl needs cache.retain)")
+    checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: once per epoch)")
+    dipo: DiPOCfg = Field(default_factory=DiPOCfg, description="DiPO (dipo, dipo_forget)")
+    npo: NPOCfg = Field(default_factory=NPOCfg, description="NPO (npo, npo_rt)")
+    simnpo: SimNPOCfg = Field(default_factory=SimNPOCfg, description="SimNPO (simnpo)")
+    dpo: DPOCfg = Field(default_factory=DPOCfg, description="DPO on refusals (dpo_idk)")
+    undial: UndialCfg = Field(default_factory=UndialCfg, description="UNDIAL (undial)")
 
 
 class CacheCfg(_Strict):
-    dir: str = "cache"
-    top_k: int = Field(64, ge=1)
+    """``cache``: the content-addressed reference tensors of the target model (:func:`unlearn.stages.build_cache`)."""
+
+    dir: str = Field("cache", description="where the reference tensors are written (a DVC output)")
+    top_k: int = Field(64, ge=1, description="reference log-probs kept per answer position (float16)")
     retain: bool = Field(False, description="also cache top-K on the retain split (needed by retain_loss: kl)")
 
 
 class EvalCfg(_Strict):
-    batch_size: int = Field(32, ge=1)
-    max_new_tokens: int = Field(200, ge=1)
-    generation_examples: int | None = Field(None, description="cap on examples generated per split (None = all)")
-    report_examples: int = 5
+    """``eval``: the TOFU evaluation (:func:`unlearn.stages.evaluate`)."""
+
+    batch_size: int = Field(32, ge=1, description="rows per forward pass and per generation batch")
+    max_new_tokens: int = Field(200, ge=1, description="greedy generation for ROUGE-L, stops at EOS")
+    generation_examples: int | None = Field(None, description="cap on rows generated per split (null: all)")
+    report_examples: int = Field(5, description="forget questions shown side by side in the report")
+
+
+class GateCfg(_NullMeansDefault):
+    """``gate``: a model is registered only if it passes both thresholds (:func:`unlearn.tracking.gate_decision`)."""
+
+    min_forget_quality: float = Field(0.05, ge=0, le=1, description="lowest forget quality (KS p-value against the retain model)")
+    min_utility_ratio: float = Field(0.9, ge=0, description="model utility must be >= this ratio x the target model's")
+
+
+class MlflowCfg(_NullMeansDefault):
+    """``tracking``: where MLflow runs and registered models go.
+
+    :func:`unlearn.tracking.tracking_config` resolves it against the environment and the
+    project directory into a :class:`unlearn.tracking.TrackingCfg`; the values here are
+    what ``params.yaml`` says, before that resolution.
+    """
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # as the untyped reader's str(value)
+
+    uri: str | None = Field(None, description="tracking store (null: sqlite:///<project>/mlflow.db); MLFLOW_TRACKING_URI wins")
+    experiment: str = Field("dipo-unlearn", description="MLflow experiment of the runs")
+    registered_model: str = Field("unlearned-tofu", description="registered model that passing models become versions of")
+    artifact_location: str | None = Field(
+        None, description="artifact root of a new experiment (null: <project>/mlartifacts; relative: to the project)")
+
+
+DEFAULT_LEDGER_PATH = "data/requests/ledger.db"
+"""The ledger's SQLite file when ``requests.ledger_url`` is null (relative to the working directory)."""
+
+
+class RequestsCfg(_Strict):
+    """``requests``: the deletion-request ledger and inbox (:mod:`unlearn.requests`), and the flow's schedule."""
+
+    ledger_url: str | None = Field(None, description=f"any SQLAlchemy URL (null: sqlite:///{DEFAULT_LEDGER_PATH})")
+    inbox: str = Field("data/requests/inbox", description="directory of *.jsonl deletion requests to ingest")
+    schedule_cron: str = Field("*/30 * * * *", description="5-field cron schedule of the unlearn/requests deployment")
+
+    @field_validator("schedule_cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("expected a 5-field cron expression, e.g. '*/30 * * * *'")
+        return v
+
+    @property
+    def url(self) -> str:
+        """``ledger_url``, or ``sqlite:///data/requests/ledger.db`` (relative to the working directory)."""
+        return self.ledger_url or f"sqlite:///{DEFAULT_LEDGER_PATH}"
+
+
+_NULL_IS_EMPTY = ("gate", "tracking", "requests")
+"""Sections where ``section: null`` (every key commented out) means all defaults, as their untyped readers did."""
 
 
 class Params(_Strict):
-    seed: int = 0
-    reports_dir: str = "reports"
-    data: DataCfg = DataCfg()
-    model: ModelCfg = ModelCfg()
-    finetune: FinetuneCfg = FinetuneCfg()
-    method: MethodCfg = MethodCfg()
-    cache: CacheCfg = CacheCfg()
-    eval: EvalCfg = EvalCfg()
-    # Sections owned by later stages (pipeline, orchestration) are kept verbatim.
-    extra: dict[str, Any] = Field(default_factory=dict)
+    """The whole of ``params.yaml``. Stages take the sections they read (``p.method``, ``p.gate``...)."""
 
-    @field_validator("extra", mode="before")
+    seed: int = Field(0, description="seed of training order, initialisation and IdK answer choice")
+    reports_dir: str = Field("reports", description="metrics, loss logs, evaluation reports (DVC metrics/plots)")
+    data: DataCfg = Field(default_factory=DataCfg, description="where the QA rows come from and where the splits go")
+    model: ModelCfg = Field(default_factory=ModelCfg, description="the model, its tokenizer and where trained models go")
+    finetune: FinetuneCfg = Field(default_factory=FinetuneCfg, description="training the target and retain models")
+    method: MethodCfg = Field(default_factory=MethodCfg, description="the unlearning method and its run")
+    cache: CacheCfg = Field(default_factory=CacheCfg, description="reference tensors of the target model")
+    eval: EvalCfg = Field(default_factory=EvalCfg, description="the TOFU evaluation")
+    gate: GateCfg = Field(default_factory=GateCfg, description="thresholds a model must pass to be registered")
+    tracking: MlflowCfg = Field(default_factory=MlflowCfg, description="MLflow store, experiment and registered model")
+    requests: RequestsCfg = Field(default_factory=RequestsCfg, description="deletion-request ledger, inbox and schedule")
+
+    @model_validator(mode="before")
     @classmethod
-    def _none_to_dict(cls, v: Any) -> Any:
-        return {} if v is None else v
+    def _untyped_era_inputs(cls, data: Any) -> Any:
+        """Inputs that worked while ``gate``/``tracking``/``requests`` were untyped keep working.
+
+        ``section: null`` means all defaults for those three (see ``_NULL_IS_EMPTY``). And
+        ``Params(extra={"gate": ..., "tracking": ...})``, how code built a ``Params`` with those
+        sections when they sat in the ``Params.extra`` dict, still does: each entry becomes the
+        typed section it names, and an unknown one is an error naming it. Deprecated: pass the
+        sections directly (``Params(gate=...)``).
+        """
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in _NULL_IS_EMPTY:
+            if name in data and data[name] is None:
+                data[name] = {}
+        if "extra" in data:
+            extra = data.pop("extra") or {}
+            if not isinstance(extra, dict):
+                raise ValueError(f"extra: expected a mapping of sections, got {type(extra).__name__}")
+            for name, section in extra.items():
+                if name in data:
+                    raise ValueError(f"{name}: given both as a section and in extra")
+                data[name] = {} if name in _NULL_IS_EMPTY and section is None else section
+        return data
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad ``params.yaml`` or override: the message names the key and the expectation."""
 
 
@@ -174,11 +344,41 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-KNOWN_SECTIONS = {"seed", "reports_dir", "data", "model", "finetune", "method", "cache", "eval"}
+KNOWN_SECTIONS = frozenset(Params.model_fields)
+"""Every top-level key of ``params.yaml``; anything else is an error."""
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _section_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The section class at dotted location ``loc`` (``()`` is :class:`Params`), or None if ``loc`` is no section."""
+    model: type[BaseModel] = Params
+    for name in loc:
+        field = model.model_fields.get(name)
+        if field is None or not _is_section(field.annotation):
+            return None
+        model = field.annotation
+    return model
+
+
+def _error_line(err: Any) -> str:
+    """One line per pydantic error, led by the dotted key; an unknown key lists the keys its section has."""
+    loc = tuple(str(part) for part in err["loc"])
+    key = ".".join(loc) or "(top level)"
+    section = _section_at(loc[:-1]) if err["type"] == "extra_forbidden" else None
+    if section is None:
+        return f"  {key}: {err['msg']} (got {err.get('input')!r})"
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    hint = f"; did you mean {'.'.join((*loc[:-1], close[0]))}?" if close else ""
+    what = "unknown section" if len(loc) == 1 else "unknown key"
+    return f"  {key}: {what}{hint} (expected one of: {', '.join(known)})"
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read ``params.yaml`` (missing file -> defaults), apply overrides, validate."""
+    """Read ``params.yaml`` (missing file -> defaults), apply overrides, validate every section."""
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
@@ -191,13 +391,128 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     raw = copy.deepcopy(raw)
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
-    known = {k: v for k, v in raw.items() if k in KNOWN_SECTIONS}
-    extra = {k: v for k, v in raw.items() if k not in KNOWN_SECTIONS}
     try:
-        return Params(**known, extra=extra)
+        return Params(**raw)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+        lines = [_error_line(err) for err in e.errors()]
         raise ConfigError(f"{path}: invalid parameters\n" + "\n".join(lines)) from None
+
+
+# --------------------------------------------------------------------------- the knob reference
+@dataclass(frozen=True)
+class Knob:
+    """One leaf of ``params.yaml``: a row of ``unlearn params`` and of ``docs/params.md``."""
+
+    name: str  # dotted, as in --set
+    type: str  # e.g. "int (>= 1)", "synthetic | local | hub", "str | null"
+    default: Any  # the code's default
+    value: Any  # the value in the Params it was read from (params.yaml + --set)
+    description: str
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in get_args(annotation))
+    if origin is Union or origin is types.UnionType:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_type(field: Any) -> str:
+    bounds = [f"{sym} {getattr(m, attr)}" for m in field.metadata
+              for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if getattr(m, attr, None) is not None]
+    name = _type_name(field.annotation)
+    return f"{name} ({', '.join(bounds)})" if bounds else name
+
+
+def knobs(p: Params | None = None) -> list[Knob]:
+    """Every leaf knob, in ``params.yaml`` order, with its value in ``p`` (default: all defaults)."""
+    out: list[Knob] = []
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if _is_section(field.annotation):
+                walk(value, f"{prefix}{name}.")
+            else:
+                default = field.get_default(call_default_factory=True)
+                out.append(Knob(prefix + name, _field_type(field), default, value, field.description or ""))
+
+    walk(Params() if p is None else p, "")
+    return out
+
+
+def select_knobs(all_knobs: list[Knob], names: list[str] | None) -> list[Knob]:
+    """The knobs named by ``names`` (a knob, or a section such as ``method.dipo``); all of them if none is given."""
+    if not names:
+        return all_knobs
+    picked = [k for k in all_knobs if any(k.name == n or k.name.startswith(n + ".") for n in names)]
+    unknown = [n for n in names if not any(k.name == n or k.name.startswith(n + ".") for k in all_knobs)]
+    if unknown:
+        raise ConfigError(f"no such knob or section: {', '.join(unknown)} (`unlearn params` lists them all)")
+    return picked
+
+
+def format_value(v: Any) -> str:
+    """``v`` as it would be written in ``params.yaml`` or after ``--set key=`` (null, true, 0.003, "*/30 * * * *")."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v)
+    try:
+        plain = s != "" and s.strip() == s and yaml.safe_load(s) == s
+    except yaml.YAMLError:
+        plain = False
+    return s if plain else json.dumps(s)
+
+
+def knobs_table(rows: list[Knob]) -> str:
+    """Plain-text table, one knob per line (so ``unlearn params | grep lr`` works)."""
+    header = ("knob", "type", "default", "value", "description")
+    cells = [header] + [(k.name, k.type, format_value(k.default), format_value(k.value), k.description) for k in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header) - 1)]
+    lines = ["  ".join(c[i].ljust(w) for i, w in enumerate(widths)) + "  " + c[-1] for c in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _md(text: str) -> str:
+    """Escape a table cell: ``|`` ends the cell even inside a code span."""
+    return text.replace("|", r"\|")
+
+
+def _md_text(text: str) -> str:
+    """Escape prose for a table cell: ``<project>`` would vanish as an HTML tag, ``*.jsonl`` would start emphasis."""
+    for ch in ("\\", "*", "<"):
+        text = text.replace(ch, "\\" + ch)
+    return _md(text)
+
+
+def params_markdown(p: Params, rows: list[Knob] | None = None, source: str = "params.yaml") -> str:
+    """The Markdown reference of every knob, one table per section; ``docs/params.md`` is this for ``params.yaml``."""
+    rows = knobs(p) if rows is None else rows
+    out = [
+        "# Parameters",
+        "",
+        "<!-- Generated by `unlearn params --markdown > docs/params.md` from src/unlearn/config.py and params.yaml;",
+        "     do not edit by hand: tests/test_config.py fails when this file is out of date. -->",
+        "",
+        "Every knob of `params.yaml`: its type (and bounds), the code's default, the value in "
+        f"`{source}` and what it does. Override any of them per command with `--set key=value` (per DVC "
+        "experiment with `dvc exp run -S key=value`); `unlearn params [--params FILE] [--set ...] [KNOB...]` "
+        "prints this list with the values those give. An unknown key or section is an error that names it.",
+    ]
+    groups: dict[str, list[Knob]] = {}
+    for k in rows:
+        section, _, rest = k.name.partition(".")
+        groups.setdefault(section if rest else "", []).append(k)
+    for section, ks in groups.items():
+        title = "## Top level" if not section else f"## `{section}`: {Params.model_fields[section].description}"
+        out += ["", title, "", f"| knob | type | default | `{_md(source)}` | description |", "|---|---|---|---|---|"]
+        out += [f"| `{k.name}` | `{_md(k.type)}` | `{_md(format_value(k.default))}` | `{_md(format_value(k.value))}` | "
+                f"{_md_text(k.description)} |" for k in ks]
+    return "\n".join(out) + "\n"

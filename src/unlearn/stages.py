@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,31 +51,29 @@ def prepare(p: Params) -> Path:
 
 
 def read_splits(p: Params, names: list[str] | None = None) -> dict[str, list[dict]]:
-    """Validated splits from ``data.out_dir``: prepared TOFU splits, or the splits built from deletion requests."""
-    from .data.splits import read_split
+    """The validated splits ``names`` (default: every split but ``idk``) of ``data.out_dir``.
+
+    ``data.out_dir`` holds the prepared TOFU splits or the splits built from
+    deletion requests; both are one format, so this is the data layer's one
+    reader (:func:`unlearn.data.splits.read_split_dir`: sha256, schema and the
+    forget/retain rules among ``names``) with the directory taken from the params.
+    FileNotFoundError when the splits are not written yet or lack one of ``names``.
+    """
+    from .data.names import IDK
+    from .data.splits import read_manifest, read_split_dir
 
     out = Path(p.data.out_dir)
-    if not (out / "manifest.json").exists():
-        raise FileNotFoundError(f"no splits in {out}: run `unlearn prepare` (or `dvc repro prepare`) first")
-    manifest = read_json(out / "manifest.json")
-    if "splits" in manifest:  # written by unlearn.requests.forget_set.write_request_splits
-        from .requests.forget_set import read_request_splits
-
-        splits, _ = read_request_splits(out)
-        missing = [n for n in names or [] if n not in splits]
-        if missing:
-            raise FileNotFoundError(f"{out} has no split(s) {', '.join(missing)} (request splits: {', '.join(splits)})")
-        return {n: splits[n] for n in (names or list(splits))}
-    names = names or [n for n in manifest if n != "idk"]
-    return {n: read_split(out, n) for n in names}
+    return read_split_dir(out, names or [n for n in read_manifest(out) if n != IDK])
 
 
 def training_rows(p: Params, role: str) -> list[dict]:
     """Target: every author row; retain: the retain split only. Plus the general-knowledge sets if configured."""
+    from .data.names import FULL, UTILITY_SPLITS
+
     if role not in ("target", "retain"):
         raise ValueError(f"role must be 'target' or 'retain', got {role!r}")
-    main = "full" if role == "target" else p.data.retain_split
-    names = [main] + (list(EVAL_SPLITS_GENERAL) if p.finetune.include_general else [])
+    main = FULL if role == "target" else p.data.retain_split
+    names = [main] + (list(UTILITY_SPLITS) if p.finetune.include_general else [])
     splits = read_splits(p, names)
     return [r for n in names for r in splits[n]]
 
@@ -151,10 +150,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     from .train import LoopCfg, make_accelerator, train_loop
 
     ft = p.finetune
-    cfg = LoopCfg(
-        epochs=ft.epochs, batch_size=ft.batch_size, lr=ft.lr, weight_decay=ft.weight_decay,
-        warmup_ratio=ft.warmup_ratio, grad_accum=ft.grad_accum, seed=p.seed, desc=f"finetune {role}",
-    )
+    cfg = LoopCfg.from_optim(ft, seed=p.seed, desc=f"finetune {role}")
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     default_out = model_dir(p, role)
     out = Path(out_dir) if out_dir else default_out
@@ -230,14 +226,21 @@ def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
     return "ref_retain_topk" in needs
 
 
-def _forget_inputs(p: Params):
-    from .data.splits import read_idk
+def _forget_inputs(p: Params) -> tuple[list[dict], list[dict], list[str]]:
+    """(forget rows, retain rows, IdK refusal strings) of the configured split directory.
+
+    The refusals are the directory's ``idk`` split where its manifest lists one
+    (the benchmark's), else the built-in ones (request split sets carry none).
+    """
+    from .data.names import IDK
+    from .data.splits import read_idk, read_manifest
     from .data.synthetic import IDK_RESPONSES
 
-    splits = read_splits(p, [p.data.forget_split, p.data.retain_split])
-    idk_file = Path(p.data.out_dir) / "idk.json"
-    refusals = read_idk(Path(p.data.out_dir)) if idk_file.exists() else list(IDK_RESPONSES)
-    return splits[p.data.forget_split], splits[p.data.retain_split], refusals
+    forget, retain = p.data.forget_split, p.data.retain_split
+    splits = read_splits(p, [forget, retain])
+    out = Path(p.data.out_dir)
+    refusals = read_idk(out) if IDK in read_manifest(out) else list(IDK_RESPONSES)
+    return splits[forget], splits[retain], refusals
 
 
 def build_cache(
@@ -297,10 +300,7 @@ def forget(
     from .train import LoopCfg, main_process_first, make_accelerator, train_loop
 
     m = p.method
-    cfg = LoopCfg(
-        epochs=m.epochs, batch_size=m.batch_size, lr=m.lr, weight_decay=m.weight_decay, warmup_ratio=m.warmup_ratio,
-        grad_accum=m.grad_accum, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]",
-    )
+    cfg = LoopCfg.from_optim(m, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]")
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     method = get_method(m.name)
     target_dir = Path(target_dir or model_dir(p, "target"))
@@ -411,7 +411,7 @@ def evaluate(
     Evaluating ``unlearned`` also writes ``reports/eval/tradeoff.json``: forget
     quality vs model utility of target, retain and unlearned (a DVC plot).
     """
-    from .eval.tofu import evaluate_dir
+    from .eval.runner import evaluate_dir
 
     forget = f"{p.data.forget_split}_perturbed"
     splits = read_splits(p, [forget, *EVAL_NAMES])
@@ -475,8 +475,14 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
     the run's loss log (optional: ``reports/forget/loss.json``, or ``<model>.reports/loss.json`` for a model
     written with ``--out``); writes ``reports/register/decision.json``
     (passed, reasons, version, alias, run_id, ...) and returns it. See :mod:`unlearn.tracking`.
+
+    Linear on purpose: everything the version will carry (the run's inputs, the
+    per-request evidence, the requests its audit page lists) is gathered first, then
+    :func:`unlearn.tracking.register_if_passing` gates, logs and registers in one pass
+    (the version created with all its tags, the page rendered from what was written).
     """
     from . import tracking
+    from .requests import audit_html, parse_request_ids, request_tag
 
     rdir = reports_dir(p)
     model_path = Path(model_path) if model_path else model_dir(p, "unlearned")
@@ -492,36 +498,50 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
         raise FileNotFoundError(f"no model directory at {model_path}: run `unlearn forget` first")
     # The loss log of the run that wrote this model (reports/forget for the pipeline's, <model>.reports otherwise).
     loss_path = run_reports_dir(p, model_path, model_dir(p, "unlearned"), "forget") / "loss.json"
-    reg = tracking.register_if_passing(
-        p, model_dir=model_path, metrics=read_json(eval_dir / "metrics.json"),
+    requests = _ledger_requests(p, parse_request_ids(request_ids))
+    evidence = request_evidence(p, requests)
+    run = tracking.UnlearningRun(
+        model_dir=model_path, metrics=read_json(eval_dir / "metrics.json"),
         target_metrics=read_json(rdir / "eval" / "target" / "metrics.json"),
         loss_log=read_json(loss_path) if loss_path.exists() else [], report_dir=eval_dir,
         data_hashes=tracking.data_hashes(p), git_commit=tracking.git_commit(), request_ids=request_ids,
+        forget_rows=tracking.forget_row_count(p),
+    )
+    reg = tracking.register_if_passing(
+        p, run,
+        extra_version_tags={request_tag(rid, k): v for rid, ev in evidence.items() for k, v in ev.items() if v is not None},
+        audit_page=lambda info: audit_html(info, requests),
     )
     decision = reg.as_dict()
     if reg.version is not None:
-        evidence = request_evidence(p, request_ids)
         decision["request_evidence"] = evidence
-        tags = {f"request.{rid}.{k}": v for rid, ev in evidence.items() for k, v in ev.items() if v is not None}
-        tracking.annotate_version(p, str(reg.version), reg.run_id, tags, _audit_page(p, str(reg.version)))
     write_json(rdir / "register" / "decision.json", decision)
     return decision
 
 
-def request_evidence(p: Params, request_ids) -> dict[str, dict[str, float | None]]:
+def _ledger_requests(p: Params, ids: list[str]) -> list[Any]:
+    """The ledger's records of ``ids`` (ids the ledger does not know are left out), in ``ids``' order.
+
+    Read once per registration, for both the evidence and the audit page. No ids: the
+    ledger is not opened (the plain TOFU pipeline has no requests and needs no ledger).
+    """
+    from .requests import Ledger, requests_settings
+
+    if not ids:
+        return []
+    with Ledger(requests_settings(p).url) as ledger:
+        return [r for r in (ledger.get(i) for i in ids) if r is not None]
+
+
+def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, float | None]]:
     """Per deletion request: mean answer probability of its rows before (target) and after (unlearned).
 
     Read from the evaluations' per-example records, so nothing is recomputed.
+    ``requests``: the ledger records (:class:`unlearn.requests.Request`) of the requests the model honours.
     """
-    from .requests import Ledger, forget_rows_for, parse_request_ids, requests_settings
+    from .requests import forget_rows_for
 
-    ids = parse_request_ids(request_ids)
-    if not ids:
-        return {}
-    with Ledger(requests_settings(p).url) as ledger:
-        reqs = {rid: ledger.get(rid) for rid in ids}
-    reqs = {rid: r for rid, r in reqs.items() if r is not None}
-    if not reqs:
+    if not requests:
         return {}
     probs = {}
     for name in ("target", "unlearned"):
@@ -530,27 +550,15 @@ def request_evidence(p: Params, request_ids) -> dict[str, dict[str, float | None
         probs[name] = {r["id"]: r.get("prob") for r in recs if r.get("split", "").startswith(p.data.forget_split)}
     forget_rows = read_splits(p, [p.data.forget_split])[p.data.forget_split]
     out: dict[str, dict[str, float | None]] = {}
-    for rid, req in reqs.items():
+    for req in requests:
         rows = forget_rows_for([req], forget_rows)
         ev = {}
         for key, name in (("prob_before", "target"), ("prob_after", "unlearned")):
             vals = [probs[name].get(r["id"]) for r in rows]
             vals = [v for v in vals if v is not None]
             ev[key] = float(np.mean(vals)) if vals else None
-        out[rid] = ev
+        out[req.request_id] = ev
     return out
-
-
-def _audit_page(p: Params, version: str) -> str | None:
-    """The HTML audit page of a registered version: requests, data hashes, params, commit, metrics."""
-    from . import tracking
-    from .requests import Ledger, audit_html, parse_request_ids, requests_settings
-
-    info = tracking.model_version_info(p, version)
-    ids = parse_request_ids(info["tags"].get("request_ids"))
-    with Ledger(requests_settings(p).url) as ledger:
-        reqs = [r for r in (ledger.get(i) for i in ids) if r is not None]
-    return audit_html(info, reqs)
 
 
 def audit(p: Params, request_id: str | None = None, model_version: str | None = None) -> str:
@@ -585,3 +593,184 @@ def model_tokenizer(p: Params):
     if not (tdir / "tokenizer.json").exists():
         return None, f"no tokenizer at {tdir}: run `unlearn tokenizer` (or `dvc repro tokenizer`) first"
     return load_tokenizer(tdir), str(tdir)
+
+
+# --------------------------------------------------------------------------- what each stage reads and writes
+@dataclass(frozen=True)
+class StageIO:
+    """What one stage reads and writes: declared once, here, for every face that needs it.
+
+    The Prefect flows key their cache on it (:func:`stage_key`) and rerun a stage whose
+    outputs are gone; ``tests/test_stage_io.py`` checks it against ``dvc.yaml``'s
+    deps/outs/params for the default parameters, so the two declarations cannot drift.
+    """
+
+    inputs: list[Path]
+    """Artifacts whose content the outputs depend on (dvc.yaml's deps outside src/, or files inside them)."""
+    outputs: list[Path]
+    """Everything the stage writes (dvc.yaml's outs, metrics and plots)."""
+    params: dict[str, Any]
+    """The params.yaml keys it reads, as dvc.yaml's ``params:`` lists them, with their values."""
+    code: list[str] = field(default_factory=list)
+    """The library source it runs (dvc.yaml's deps under src/). Not part of :func:`stage_key`."""
+    after: list[Path] = field(default_factory=list)
+    """Files that must exist before it runs (the validation gate's result) without changing its outputs."""
+
+
+EVAL_FILES = ("per_example.jsonl", "report.md", "report.html", "truth_ratio_hist.png", "notes.json", "metrics.json")
+"""What :func:`evaluate` writes into its output directory."""
+
+
+def _param_values(p: Params, keys: list[str]) -> dict[str, Any]:
+    """``{"model.arch": {...}, "seed": 0}``: the values of dotted params.yaml keys (JSON-ready)."""
+    tree = p.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def _tokenizer_input(p: Params) -> list[Path]:
+    """The trained tokenizer a stage reads (none with model.path: the checkpoint's own comes with it)."""
+    return [] if p.model.path else [tokenizer_dir(p) / "tokenizer.json"]
+
+
+def _io_prepare(p: Params) -> StageIO:
+    inputs = [Path(p.data.local_dir)] if p.data.source == "local" else []
+    return StageIO(inputs, [Path(p.data.out_dir)], _param_values(p, ["data"]), code=["src/unlearn/data"])
+
+
+def _io_tokenizer(p: Params) -> StageIO:
+    return StageIO([Path(p.data.out_dir)], [] if p.model.path else [tokenizer_dir(p)],
+                   _param_values(p, ["model.tokenizer"]), code=["src/unlearn/models/build.py"])
+
+
+def _io_validate(p: Params) -> StageIO:
+    from .data.validate import result_path
+
+    return StageIO([Path(p.data.out_dir), *_tokenizer_input(p)], [result_path(p)],
+                   _param_values(p, ["data.forget_split", "model.max_length", "model.path"]),
+                   code=["src/unlearn/data/validate.py", "src/unlearn/models/formatting.py",
+                         "src/unlearn/models/truncation.py"])
+
+
+def _io_finetune(p: Params, *, role: str, out_dir: str | Path | None = None) -> StageIO:
+    from .data.validate import result_path
+
+    if role not in ("target", "retain"):
+        raise ValueError(f"role must be 'target' or 'retain', got {role!r}")
+    default = model_dir(p, role)
+    out = Path(out_dir) if out_dir else default
+    rdir = run_reports_dir(p, out, default, "finetune")
+    return StageIO(
+        [Path(p.data.out_dir), *_tokenizer_input(p)], [out, rdir / f"{role}.json", rdir / f"{role}_loss.json"],
+        _param_values(p, ["seed", "model.arch", "model.max_length", "model.path", "finetune", "data.forget_split"]),
+        code=["src/unlearn/models", "src/unlearn/train.py"], after=[result_path(p)],
+    )
+
+
+def _io_cache(p: Params, *, target_dir: str | Path | None = None) -> StageIO:
+    target = Path(target_dir) if target_dir else model_dir(p, "target")
+    return StageIO([Path(p.data.out_dir), target], [Path(p.cache.dir)],
+                   _param_values(p, ["seed", "model.max_length", "data.forget_split", "cache"]),
+                   code=["src/unlearn/cache.py", "src/unlearn/precision.py", "src/unlearn/models/formatting.py"])
+
+
+def _io_forget(p: Params, *, out_dir: str | Path | None = None, target_dir: str | Path | None = None,
+               reference: str = "cache") -> StageIO:
+    target = Path(target_dir) if target_dir else model_dir(p, "target")
+    default = model_dir(p, "unlearned")
+    out = Path(out_dir) if out_dir else default
+    rdir = run_reports_dir(p, out, default, "forget")
+    cache = [Path(p.cache.dir)] if reference == "cache" else []  # live/exact: a reference forward instead
+    return StageIO([Path(p.data.out_dir), target, *cache], [out, rdir / "summary.json", rdir / "loss.json"],
+                   _param_values(p, ["seed", "model.max_length", "data.forget_split", "method", "cache"]),
+                   code=["src/unlearn/methods", "src/unlearn/train.py", "src/unlearn/models/formatting.py"])
+
+
+def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
+                 target_dir: str | Path | None = None, out_dir: str | Path | None = None) -> StageIO:
+    """``retain_dir`` adds no input: the other evaluations read the retain model through its reference (the
+    retain evaluation's output, an input of theirs). The target model is an input of the unlearned model's
+    evaluation (side-by-side answers) with the target's metrics (the trade-off plot); the retain model's report
+    also shows target answers when the target exists, which dvc.yaml leaves out as report-only."""
+    out = Path(out_dir) if out_dir else reports_dir(p) / "eval" / name
+    ref = eval_reference_dir(p)
+    inputs, outputs = [Path(p.data.out_dir), Path(model_path)], [out / f for f in EVAL_FILES]
+    if name == "retain":
+        outputs.append(ref)
+    else:
+        inputs.append(ref)
+    if name == "unlearned":
+        target = Path(target_dir) if target_dir is not None else model_dir(p, "target")
+        inputs += [target, reports_dir(p) / "eval" / "target" / "metrics.json"]
+        outputs.append(reports_dir(p) / "eval" / "tradeoff.json")
+    return StageIO(inputs, outputs, _param_values(p, ["eval", "model.max_length", "data.forget_split"]),
+                   code=["src/unlearn/eval"])
+
+
+def _io_register(p: Params, *, model_path: str | Path | None = None) -> StageIO:
+    model = Path(model_path) if model_path else model_dir(p, "unlearned")
+    rdir = reports_dir(p)
+    loss = run_reports_dir(p, model, model_dir(p, "unlearned"), "forget") / "loss.json"
+    return StageIO(
+        [model, rdir / "eval" / "unlearned" / "metrics.json", rdir / "eval" / "target" / "metrics.json", loss,
+         Path(p.data.out_dir) / "manifest.json"],
+        [rdir / "register" / "decision.json"], _param_values(p, ["gate", "tracking"]),
+        code=["src/unlearn/tracking.py", "src/unlearn/gate.py"],
+    )
+
+
+_STAGE_IO = {
+    "prepare": _io_prepare, "tokenizer": _io_tokenizer, "validate": _io_validate, "finetune": _io_finetune,
+    "cache": _io_cache, "forget": _io_forget, "evaluate": _io_evaluate, "register": _io_register,
+}
+STAGES: tuple[str, ...] = tuple(_STAGE_IO)
+"""The stage names :func:`stage_io` knows: one per stage function (``finetune`` covers target and retain)."""
+
+
+def stage_io(stage: str, p: Params, /, **kwargs: Any) -> StageIO:
+    """Inputs, outputs, params and code of ``stage`` run with ``p`` and the stage function's own keyword
+    arguments (``role=``, ``out_dir=``, ``target_dir=``, ``model_path=``, ``name=``...), named, never guessed
+    from position: an unknown keyword is a TypeError naming it."""
+    try:
+        declare = _STAGE_IO[stage]
+    except KeyError:
+        raise KeyError(f"unknown stage {stage!r}: expected one of {', '.join(STAGES)}") from None
+    return declare(p, **kwargs)
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """Content identity of a stage input: a data directory's manifest, a model's weights and config, a file's
+    sha256, any other directory's files; ``missing`` when it does not exist (yet)."""
+    from .cache import model_hash
+    from .io import sha256_file, stable_hash
+
+    path = Path(path)
+    if path.is_dir() and (path / "manifest.json").exists():
+        return stable_hash(read_json(path / "manifest.json"))
+    if path.is_dir() and (list(path.glob("*.safetensors")) or list(path.glob("*.bin"))):
+        return model_hash(path)  # weights and config.json
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return stable_hash({str(f.relative_to(path)): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()})
+    return "missing"
+
+
+def stage_key(stage: str, p: Params, /, **kwargs: Any) -> str:
+    """``<stage>-<hash>``: one run of a stage, by its params and keyword arguments, the content of its inputs and
+    where its outputs go. Two runs with the same key write the same outputs, so an orchestrator may reuse the
+    first (the Prefect flows' cache key). Source code is not part of it: ``dvc repro`` tracks that."""
+    from .io import stable_hash
+
+    io = stage_io(stage, p, **kwargs)
+    return f"{stage}-" + stable_hash({
+        "params": io.params,
+        "kwargs": {k: None if v is None else str(v) for k, v in sorted(kwargs.items())},
+        "inputs": {str(i): input_fingerprint(i) for i in io.inputs},
+        "outputs": [str(o) for o in io.outputs],
+    })[:32]

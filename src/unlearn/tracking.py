@@ -36,6 +36,7 @@ consumers load the directory with ``from_pretrained`` anyway::
 
 The gate and the champion rule
 ------------------------------
+Both rules are pure functions in :mod:`unlearn.gate` (re-exported here).
 A model passes the gate iff ``forget_quality >= gate.min_forget_quality`` and
 ``model_utility >= gate.min_utility_ratio * target model_utility``. A missing
 (None) metric fails, with the reason. A failing model is still logged as a run
@@ -43,8 +44,8 @@ A model passes the gate iff ``forget_quality >= gate.min_forget_quality`` and
 
 A passing model becomes a new version of ``tracking.registered_model``. Models are
 compared only with models unlearned from the *same forget set*: the
-``forget_set_hash`` version tag (the sha256 of the forget split's file, from
-``<data.out_dir>/manifest.json``). The new version is **at least as good** as the
+``forget_set_hash`` version tag (the sha256 of the forget split's sorted row ids,
+shared with the deletion-request ledger; see :func:`data_hashes`). The new version is **at least as good** as the
 current champion of its forget set iff its ``forget_quality >= champion's`` AND its
 ``model_utility >= champion's`` (ties go to the newer model). Then it takes the
 champion alias and the old champion loses it; otherwise it gets the challenger
@@ -61,6 +62,11 @@ MLflow aliases are unique per registered model, not per forget set, so:
   ``client.set_registered_model_tag``). The next registration on the new default
   set moves the unsuffixed aliases.
 
+Registration is one pass: everything a version carries (provenance, ``forget_rows``,
+every parameter as ``params.<key>``, the per-request evidence) is computed first and
+the version is created with all its tags; its audit page is rendered from what was
+just written, not read back from the registry.
+
 Registration is not locked: two registrations on the same store at the same time
 can interleave the alias moves. The pipeline runs them one at a time.
 """
@@ -68,18 +74,26 @@ can interleave the alias moves. The pipeline runs them one at a time.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
 from .config import Params
+from .gate import CHAMPION_METRICS, DEFAULT_GATE, GateDecision, as_float, at_least_as_good, gate_decision
 from .io import read_json, stable_hash
+
+__all__ = [  # the gate is re-exported: callers and tests written against tracking keep working
+    "DEFAULT_GATE", "GateDecision", "Registration", "TrackingCfg", "UnlearningRun", "alias_names", "at_least_as_good",
+    "client_for", "data_hashes", "flat_params", "forget_row_count", "gate_config", "gate_decision", "git_commit",
+    "log_unlearning_run", "model_version_info", "register_if_passing", "register_version", "run_tags",
+    "tracking_config", "version_tags", "versions_for_request",
+]
 
 log = logging.getLogger("unlearn.tracking")
 
@@ -87,7 +101,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 DEFAULT_EXPERIMENT = "dipo-unlearn"
 DEFAULT_REGISTERED_MODEL = "unlearned-tofu"
-DEFAULT_GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT_PATH = "model"
 REPORT_ARTIFACT_PATH = "eval"
@@ -107,40 +120,29 @@ class TrackingCfg:
 
 
 def tracking_config(p: Params, project_dir: str | Path | None = None) -> TrackingCfg:
-    """The ``tracking:`` section of ``params.yaml`` with defaults filled in; ``MLFLOW_TRACKING_URI`` wins."""
-    t = dict(p.extra.get("tracking") or {})
-    unknown = set(t) - {"uri", "experiment", "registered_model", "artifact_location"}
-    if unknown:
-        from .config import ConfigError
+    """The ``tracking:`` section of ``params.yaml`` with defaults filled in; ``MLFLOW_TRACKING_URI`` wins.
 
-        raise ConfigError(f"tracking: unknown key(s) {sorted(unknown)} (expected uri, experiment, "
-                          "registered_model, artifact_location)")
+    ``p.tracking`` was validated, with its defaults, when ``p`` was loaded
+    (:class:`unlearn.config.MlflowCfg`). What is resolved here depends on where the
+    process runs, so it cannot live in the typed config: the environment variable, and
+    paths relative to ``project_dir`` (default: the current directory).
+    """
+    t = p.tracking
     project = Path(project_dir or Path.cwd()).absolute()
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or t.get("uri") or f"sqlite:///{project / 'mlflow.db'}"
-    art = str(t.get("artifact_location") or project / "mlartifacts")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or t.uri or f"sqlite:///{project / 'mlflow.db'}"
+    art = t.artifact_location or str(project / "mlartifacts")
     if "://" not in art:
         art = str((project / art).absolute())
-    return TrackingCfg(
-        uri=str(uri),
-        experiment=str(t.get("experiment") or DEFAULT_EXPERIMENT),
-        registered_model=str(t.get("registered_model") or DEFAULT_REGISTERED_MODEL),
-        artifact_location=str(art),
-    )
+    return TrackingCfg(uri=uri, experiment=t.experiment, registered_model=t.registered_model, artifact_location=art)
 
 
 def gate_config(p: Params) -> dict[str, float]:
-    """The ``gate:`` section of ``params.yaml`` with defaults (min_forget_quality 0.05, min_utility_ratio 0.9)."""
-    g = dict(p.extra.get("gate") or {})
-    unknown = set(g) - set(DEFAULT_GATE)
-    if unknown:
-        from .config import ConfigError
+    """The ``gate:`` section of ``params.yaml`` as the mapping :func:`gate_decision` takes.
 
-        raise ConfigError(f"gate: unknown key(s) {sorted(unknown)} (expected {sorted(DEFAULT_GATE)})")
-    out = dict(DEFAULT_GATE)
-    for k, v in g.items():
-        if v is not None:
-            out[k] = float(v)
-    return out
+    Validated with its defaults (min_forget_quality 0.05, min_utility_ratio 0.9) when ``p``
+    was loaded (:class:`unlearn.config.GateCfg`); kept as a dict for ``gate_decision``'s callers.
+    """
+    return p.gate.model_dump()
 
 
 def client_for(cfg: TrackingCfg):
@@ -256,16 +258,6 @@ def params_hash(flat: Mapping[str, Any]) -> str:
     return stable_hash({k: flat[k] for k in sorted(flat)})
 
 
-def _as_float(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _split_request_ids(request_ids: str | Iterable[str] | None) -> list[str]:
     if request_ids is None:
         return []
@@ -274,39 +266,18 @@ def _split_request_ids(request_ids: str | Iterable[str] | None) -> list[str]:
     return [str(r).strip() for r in request_ids if str(r).strip()]
 
 
-# --------------------------------------------------------------------------- the gate
-@dataclass
-class GateDecision:
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
+def forget_row_count(p: Params) -> int | None:
+    """Rows in the forget split, from ``<data.out_dir>/manifest.json`` (None if the manifest does not say).
 
-
-def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] | None,
-                  gate: Mapping[str, float] | None = None) -> GateDecision:
-    """Pass iff forget_quality >= min_forget_quality and model_utility >= min_utility_ratio * target's.
-
-    Every failed condition adds a reason; a None (or missing, or non-finite) metric fails with a reason.
+    Recorded on the run and the registered version (tag ``forget_rows``) so the audit
+    says how much a version forgot without reading the data again.
     """
-    g = {**DEFAULT_GATE, **{k: float(v) for k, v in (gate or {}).items() if v is not None}}
-    reasons = []
-    fq = _as_float(metrics.get("forget_quality"))
-    if fq is None:
-        reasons.append("forget_quality is missing (None): cannot check the forget-quality gate")
-    elif fq < g["min_forget_quality"]:
-        reasons.append(f"forget_quality {fq:.4g} < min_forget_quality {g['min_forget_quality']:.4g}")
-    mu = _as_float(metrics.get("model_utility"))
-    tmu = _as_float((target_metrics or {}).get("model_utility"))
-    if mu is None:
-        reasons.append("model_utility is missing (None): cannot check the utility gate")
-    if tmu is None:
-        reasons.append("target model_utility is missing (None): cannot check the utility ratio")
-    if mu is not None and tmu is not None:
-        need = g["min_utility_ratio"] * tmu
-        if mu < need:
-            ratio = mu / tmu if tmu else float("inf")
-            reasons.append(f"model_utility {mu:.4g} < {g['min_utility_ratio']:.4g} x target {tmu:.4g} = {need:.4g} "
-                           f"(ratio {ratio:.3f})")
-    return GateDecision(passed=not reasons, reasons=reasons)
+    manifest_path = Path(p.data.out_dir) / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = read_json(manifest_path)
+    rows = (manifest.get("splits", manifest).get(p.data.forget_split) or {}).get("rows")
+    return int(rows) if isinstance(rows, int) and not isinstance(rows, bool) else None
 
 
 # --------------------------------------------------------------------------- logging a run
@@ -314,47 +285,57 @@ def _tag_value(v: Any) -> str:
     return v if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)
 
 
+@dataclass(frozen=True)
+class UnlearningRun:
+    """What one unlearning run logs (and registers, if it passes): gathered once by :func:`unlearn.stages.register`.
+
+    One object rather than the same dozen keywords restated by every function that
+    only forwards them to the next.
+    """
+
+    model_dir: str | Path | None
+    metrics: Mapping[str, Any]
+    target_metrics: Mapping[str, Any] | None
+    loss_log: Sequence[Mapping[str, Any]] | None
+    report_dir: str | Path | None
+    data_hashes: Mapping[str, str]
+    git_commit: str
+    request_ids: str | Iterable[str] | None = None
+    forget_rows: int | None = None
+
+
 def log_unlearning_run(
     p: Params,
+    run: UnlearningRun,
     *,
-    model_dir: str | Path | None,
-    metrics: Mapping[str, Any],
-    target_metrics: Mapping[str, Any] | None,
-    loss_log: list[Mapping[str, Any]] | None,
-    report_dir: str | Path | None,
-    data_hashes: Mapping[str, str],
-    git_commit: str,
-    request_ids: str | Iterable[str] | None,
-    params_flat: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str],
     decision: GateDecision | None = None,
-    notes: Mapping[str, str] | None = None,
-    extra_tags: Mapping[str, str] | None = None,
     cfg: TrackingCfg | None = None,
     client=None,
 ) -> str:
     """Log one unlearning run; return its run id.
 
-    Params: the flattened ``params.yaml`` (``params_flat``, default :func:`flat_params` of ``p``).
+    Params: the flattened ``params.yaml`` (:func:`flat_params`).
     Metrics: every numeric evaluation metric (None ones are skipped, their reason in the tag
-    ``metric_skipped.<name>``, from ``notes`` or ``<report_dir>/notes.json``), the target's as
+    ``metric_skipped.<name>``, from ``<report_dir>/notes.json``), the target's as
     ``target.<name>``, ``utility_ratio``, and each per-step loss-log value as ``train/<name>`` with ``step=``.
-    Tags: see :func:`run_tags`. Artifacts: ``report_dir`` under ``eval/``, ``model_dir`` under ``model/``.
+    Tags: ``tags`` (the provenance of :func:`run_tags`, computed once by the caller and shared
+    with the version) plus ``gate``/``gate_reasons`` when ``decision`` is given.
+    Artifacts: ``report_dir`` under ``eval/``, ``model_dir`` under ``model/``.
     """
     from mlflow.entities import Metric, Param, RunTag
 
     cfg = cfg or tracking_config(p)
     client = client or client_for(cfg)
     exp_id = ensure_experiment(client, cfg.experiment, cfg.artifact_location)
-    flat = dict(params_flat) if params_flat is not None else flat_params(p)
-    tags = run_tags(p, data_hashes=data_hashes, git_commit=git_commit, request_ids=request_ids, flat=flat,
-                    model_dir=model_dir)
+    flat = flat_params(p)
+    tags = dict(tags)
     if decision is not None:
         tags["gate"] = "passed" if decision.passed else "failed"
         tags["gate_reasons"] = "; ".join(decision.reasons) if decision.reasons else "none"
-    tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
 
-    run = client.create_run(exp_id, run_name=f"{p.method.name}-{p.data.forget_split}", tags=tags)
-    run_id = run.info.run_id
+    mlrun = client.create_run(exp_id, run_name=f"{p.method.name}-{p.data.forget_split}", tags=tags)
+    run_id = mlrun.info.run_id
     try:
         # params (MLflow: at most 100 per batch, values up to 6000 chars)
         params = [Param(k, _tag_value(v)[:_MAX_PARAM_VALUE]) for k, v in sorted(flat.items())]
@@ -364,26 +345,25 @@ def log_unlearning_run(
         now = int(time.time() * 1000)
         ms: list[Metric] = []
         skipped: dict[str, str] = {}
-        if notes is None and report_dir is not None and (Path(report_dir) / "notes.json").exists():
-            notes = read_json(Path(report_dir) / "notes.json")
-        notes = notes or {}
-        for k, v in metrics.items():
-            f = _as_float(v)
+        notes_file = Path(run.report_dir) / "notes.json" if run.report_dir is not None else None
+        notes = read_json(notes_file) if notes_file is not None and notes_file.exists() else {}
+        for k, v in run.metrics.items():
+            f = as_float(v)
             if f is None:
                 skipped[k] = notes.get(k) or ("value is None" if v is None else f"not a finite number: {v!r}")
             else:
                 ms.append(Metric(k, f, now, 0))
-        for k, v in (target_metrics or {}).items():
-            f = _as_float(v)
+        for k, v in (run.target_metrics or {}).items():
+            f = as_float(v)
             if f is not None:
                 ms.append(Metric(TARGET_PREFIX + k, f, now, 0))
-        mu, tmu = _as_float(metrics.get("model_utility")), _as_float((target_metrics or {}).get("model_utility"))
+        mu, tmu = as_float(run.metrics.get("model_utility")), as_float((run.target_metrics or {}).get("model_utility"))
         if mu is not None and tmu:
             ms.append(Metric("utility_ratio", mu / tmu, now, 0))
-        for i, entry in enumerate(loss_log or []):
+        for i, entry in enumerate(run.loss_log or []):
             step = int(entry.get("step", i))
             for k, v in entry.items():
-                f = _as_float(v)
+                f = as_float(v)
                 if k not in _NOT_LOSSES and f is not None:
                     ms.append(Metric(LOSS_PREFIX + k, f, now, step))
         for i in range(0, len(ms), 1000):
@@ -392,10 +372,10 @@ def log_unlearning_run(
             st = [RunTag(f"metric_skipped.{k}", r[:5000]) for k, r in skipped.items()]
             client.log_batch(run_id, tags=st, synchronous=True)
 
-        if report_dir is not None and Path(report_dir).is_dir():
-            client.log_artifacts(run_id, str(report_dir), REPORT_ARTIFACT_PATH)
-        if model_dir is not None and Path(model_dir).is_dir():
-            client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+        if run.report_dir is not None and Path(run.report_dir).is_dir():
+            client.log_artifacts(run_id, str(run.report_dir), REPORT_ARTIFACT_PATH)
+        if run.model_dir is not None and Path(run.model_dir).is_dir():
+            client.log_artifacts(run_id, str(run.model_dir), MODEL_ARTIFACT_PATH)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -404,35 +384,62 @@ def log_unlearning_run(
     return run_id
 
 
-def run_tags(p: Params, *, data_hashes: Mapping[str, str], git_commit: str, request_ids, flat: Mapping[str, Any],
-             model_dir: str | Path | None = None) -> dict[str, str]:
-    """Provenance tags shared by the run and the model version."""
-    ids = _split_request_ids(request_ids)
-    forget_hash = (data_hashes.get("forget_set_hash") or data_hashes.get("forget_sha256")
+def run_tags(p: Params, run: UnlearningRun) -> dict[str, str]:
+    """Provenance tags shared by the run and the model version (computed once per registration)."""
+    from .requests.audit import TAG_FORGET_ROWS
+
+    ids = _split_request_ids(run.request_ids)
+    hashes = run.data_hashes
+    forget_hash = (hashes.get("forget_set_hash") or hashes.get("forget_sha256")
                    or stable_hash({"forget_split": p.data.forget_split}))
     tags = {
-        "git_commit": git_commit,
-        "mlflow.source.git.commit": git_commit.removesuffix("+dirty"),
+        "git_commit": run.git_commit,
+        "mlflow.source.git.commit": run.git_commit.removesuffix("+dirty"),
         "forget_split": p.data.forget_split,
         "retain_split": p.data.retain_split,
         "forget_set_hash": forget_hash,
         "method": p.method.name,
-        "params_hash": params_hash(flat),
+        "params_hash": params_hash(flat_params(p)),
         "request_ids": ",".join(ids),
     }
-    for k, v in data_hashes.items():
+    if run.forget_rows is not None:
+        tags[TAG_FORGET_ROWS] = str(run.forget_rows)
+    for k, v in hashes.items():
         tags[f"data.{k}"] = str(v)
-    if model_dir is not None:
+    if run.model_dir is not None:
         try:
             from .models.build import weights_hash
 
-            tags["model_weights_sha256"] = weights_hash(model_dir)
+            tags["model_weights_sha256"] = weights_hash(run.model_dir)
         except (FileNotFoundError, OSError):
             pass
     return tags
 
 
+_VERSION_TAGS = ("git_commit", "forget_split", "retain_split", "forget_set_hash", "method", "params_hash",
+                 "request_ids", "model_weights_sha256", "forget_rows")
+"""Run tags a registered version carries too (with every ``data.*`` tag)."""
+_MAX_TAG_VALUE = 5000  # MLflow limit on a tag value (characters)
+
+
+def version_tags(p: Params, run_tags: Mapping[str, str], extra: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The tags a registered version is created with, all at once: the run's provenance (:data:`_VERSION_TAGS`,
+    ``data.*``), every parameter as ``params.<dotted.key>`` (what ``unlearn audit --model`` lists) and ``extra``
+    (e.g. the per-request evidence ``request.<id>.prob_before``)."""
+    from .requests.audit import PARAMS_TAG_PREFIX
+
+    tags = {k: run_tags[k] for k in _VERSION_TAGS if k in run_tags}
+    tags.update({k: v for k, v in run_tags.items() if k.startswith("data.")})
+    tags.update({PARAMS_TAG_PREFIX + k: _tag_value(v)[:_MAX_TAG_VALUE] for k, v in flat_params(p).items()})
+    tags.update({k: _tag_value(v) for k, v in (extra or {}).items()})
+    return tags
+
+
 # --------------------------------------------------------------------------- registration
+AUDIT_PAGE_PATH = "audit/audit.html"
+"""Where a registered version's HTML audit page goes among its run's artifacts."""
+
+
 @dataclass
 class Registration:
     passed: bool
@@ -444,9 +451,20 @@ class Registration:
     registered_model: str | None = None
     forget_set_hash: str | None = None
     displaced_version: str | None = None  # previous champion of this forget set, if it lost the alias
+    tags: dict[str, str] = field(default_factory=dict, repr=False)  # the version's tags (not in as_dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What ``reports/register/decision.json`` records (the version's tags are in the registry)."""
+        d = asdict(self)
+        d.pop("tags")
+        return d
+
+    def version_info(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """The registered version as a version-info dict (:mod:`unlearn.requests.audit`), from what was just
+        written rather than read back from the registry; ``metrics`` as logged (None values dropped)."""
+        logged = {k: f for k, f in ((k, as_float(v)) for k, v in metrics.items()) if f is not None}
+        return {"name": self.registered_model, "version": self.version, "aliases": list(self.aliases),
+                "run_id": self.run_id, "tags": dict(self.tags), "metrics": logged}
 
 
 def alias_names(forget_set_hash: str) -> tuple[str, str]:
@@ -464,17 +482,6 @@ def _version_by_alias(client, name: str, alias: str):
         return None
 
 
-def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any]) -> bool:
-    """The champion rule: forget_quality >= champion's AND model_utility >= champion's (a missing champion value loses)."""
-    for k in ("forget_quality", "model_utility"):
-        a, b = _as_float(new.get(k)), _as_float(champion.get(k))
-        if a is None:
-            return False
-        if b is not None and a < b:
-            return False
-    return True
-
-
 def _ensure_registered_model(client, name: str):
     from mlflow.exceptions import MlflowException
 
@@ -490,15 +497,18 @@ def _ensure_registered_model(client, name: str):
 
 
 def register_version(client, name: str, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, Any]) -> Registration:
-    """Create a version from ``runs:/<run_id>/model`` and assign champion/challenger aliases (module docstring)."""
+    """Create a version from ``runs:/<run_id>/model`` with all its tags, and assign champion/challenger aliases.
+
+    The role is decided first (the champion rule against the current champion of the same
+    forget set, module docstring), so the version is created already tagged, ``role``
+    included; afterwards only aliases move (and the displaced champion gets ``displaced_by``).
+    """
     rm = _ensure_registered_model(client, name)
     fhash = tags["forget_set_hash"]
     vtags = dict(tags)
     vtags["run_id"] = run_id
-    for k in ("forget_quality", "model_utility"):
-        vtags[k] = _tag_value(_as_float(metrics.get(k)))
-    mv = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=vtags)
-    version = str(mv.version)
+    for k in CHAMPION_METRICS:
+        vtags[k] = _tag_value(as_float(metrics.get(k)))
 
     champ_alias, chall_alias = alias_names(fhash)
     current = _version_by_alias(client, name, champ_alias)
@@ -511,11 +521,14 @@ def register_version(client, name: str, run_id: str, tags: Mapping[str, str], me
         displaced = str(current.version) if current is not None else None
     else:
         role, alias, displaced = CHALLENGER, chall_alias, None
+    vtags["role"] = role
+    mv = client.create_model_version(name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=vtags)
+    version = str(mv.version)
+
     client.set_registered_model_alias(name, alias, version)
     if displaced:
         client.set_model_version_tag(name, displaced, "displaced_by", version)
     aliases = [alias]
-
     default = (rm.tags or {}).get("default_forget_set_hash")
     if default is None:
         client.set_registered_model_tag(name, "default_forget_set_hash", fhash)
@@ -523,50 +536,41 @@ def register_version(client, name: str, run_id: str, tags: Mapping[str, str], me
     if default == fhash:
         client.set_registered_model_alias(name, role, version)
         aliases.append(role)
-    client.set_model_version_tag(name, version, "role", role)
     log.info("registered %s version %s as %s (forget set %s)", name, version, ", ".join(aliases), fhash[:8])
     return Registration(passed=True, reasons=[], run_id=run_id, version=version, alias=role, aliases=aliases,
-                        registered_model=name, forget_set_hash=fhash, displaced_version=displaced)
+                        registered_model=name, forget_set_hash=fhash, displaced_version=displaced, tags=vtags)
 
 
 def register_if_passing(
     p: Params,
+    run: UnlearningRun,
     *,
-    model_dir: str | Path,
-    metrics: Mapping[str, Any],
-    target_metrics: Mapping[str, Any] | None,
-    loss_log: list[Mapping[str, Any]] | None,
-    report_dir: str | Path | None,
-    data_hashes: Mapping[str, str],
-    git_commit: str,
-    request_ids: str | Iterable[str] | None = None,
-    params_flat: Mapping[str, Any] | None = None,
-    gate: Mapping[str, float] | None = None,
+    extra_version_tags: Mapping[str, Any] | None = None,
+    audit_page: Callable[[dict[str, Any]], str] | None = None,
     cfg: TrackingCfg | None = None,
     client=None,
 ) -> Registration:
-    """Gate, log the run (always), and register the model only if it passed."""
+    """Gate, log the run (always), and register the model only if it passed. One pass, nothing read back.
+
+    ``extra_version_tags`` (the per-request evidence) go onto the version as it is
+    created; ``audit_page(version_info) -> html`` renders its audit page, logged to the
+    run as ``audit/audit.html``, from the version just written (:meth:`Registration.version_info`).
+    """
     cfg = cfg or tracking_config(p)
     client = client or client_for(cfg)
-    decision = gate_decision(metrics, target_metrics, gate if gate is not None else gate_config(p))
-    run_id = log_unlearning_run(
-        p, model_dir=model_dir, metrics=metrics, target_metrics=target_metrics, loss_log=loss_log,
-        report_dir=report_dir, data_hashes=data_hashes, git_commit=git_commit, request_ids=request_ids,
-        params_flat=params_flat, decision=decision, cfg=cfg, client=client,
-    )
-    tags = client.get_run(run_id).data.tags
+    decision = gate_decision(run.metrics, run.target_metrics, gate_config(p))
+    tags = run_tags(p, run)
+    run_id = log_unlearning_run(p, run, tags=tags, decision=decision, cfg=cfg, client=client)
     fhash = tags["forget_set_hash"]
     if not decision.passed:
         log.warning("gate failed, not registering: %s", "; ".join(decision.reasons))
         return Registration(passed=False, reasons=decision.reasons, run_id=run_id, registered_model=cfg.registered_model,
                             forget_set_hash=fhash)
-    keep = ("git_commit", "forget_split", "retain_split", "forget_set_hash", "method", "params_hash", "request_ids",
-            "model_weights_sha256")
-    vtags = {k: tags[k] for k in keep if k in tags}
-    vtags.update({k: v for k, v in tags.items() if k.startswith("data.")})
-    reg = register_version(client, cfg.registered_model, run_id, vtags, metrics)
+    reg = register_version(client, cfg.registered_model, run_id, version_tags(p, tags, extra_version_tags), run.metrics)
     client.set_tag(run_id, "registered_version", reg.version)
     client.set_tag(run_id, "registered_alias", reg.alias)
+    if audit_page is not None:
+        client.log_text(run_id, audit_page(reg.version_info(run.metrics)), AUDIT_PAGE_PATH)
     return reg
 
 
@@ -606,13 +610,3 @@ def _with_run_metrics(client, info: dict[str, Any]) -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a deleted run leaves the tags as evidence
             pass
     return info
-
-
-def annotate_version(p: Params, version: str, run_id: str, tags: Mapping[str, Any], audit_page: str | None) -> None:
-    """Per-request evidence tags on a registered version, and its HTML audit page as a run artifact."""
-    cfg = tracking_config(p)
-    client = client_for(cfg)
-    for k, v in tags.items():
-        client.set_model_version_tag(cfg.registered_model, str(version), k, _tag_value(v))
-    if audit_page is not None:
-        client.log_text(run_id, audit_page, "audit/audit.html")

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from .config import OptimCfg
 from .io import stable_hash
 
 log = logging.getLogger("unlearn.train")
@@ -65,6 +66,18 @@ class LoopCfg:
     checkpoint_every: int = 0  # optimizer steps; 0 = once per epoch
     mixed_precision: str = "auto"  # auto -> bf16 on a GPU, no on a CPU
     desc: str = "train"
+
+    @classmethod
+    def from_optim(cls, optim: OptimCfg, *, seed: int, desc: str, **loop: Any) -> LoopCfg:
+        """The loop of a ``finetune:`` or ``method:`` section: its optimiser knobs plus the run's seed and label.
+
+        Why one constructor: fine-tuning and unlearning each copied the optimiser
+        fields by hand, so a knob added to :class:`unlearn.config.OptimCfg` could be
+        silently ignored by one stage. Every ``OptimCfg`` field is passed here, so a field
+        ``LoopCfg`` lacks is a ``TypeError``, not a dropped setting. ``loop`` sets the
+        loop-only fields (``checkpoint_every``, ``max_grad_norm``, ``mixed_precision``).
+        """
+        return cls(**{name: getattr(optim, name) for name in OptimCfg.model_fields}, seed=seed, desc=desc, **loop)
 
 
 # --------------------------------------------------------------------------- distributed state

@@ -27,18 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import DataCfg
-from .schema import (
-    IDK,
-    PERTURBED_SPLITS,
-    QA_SPLITS,
-    SPLIT_NAMES,
-    UTILITY_SPLITS,
-    DataError,
-    require_text,
-    split_kind,
-    validate_rows,
-    validate_splits,
-)
+from .names import FULL, IDK, PERTURBED_SPLITS, QA_SPLITS, REAL_AUTHORS, RETAIN_PERTURBED, SPLIT_NAMES, UTILITY_SPLITS, WORLD_FACTS
+from .schema import DataError, require_text, split_kind, validate_rows, validate_splits
 from .splits import split_by_authors
 from .synthetic import IDK_RESPONSES, generate_tofu
 
@@ -47,13 +37,13 @@ TOFU_QA_PER_AUTHOR = 20
 
 FILE_STEMS: dict[str, str] = {
     **{name: name for name in QA_SPLITS + PERTURBED_SPLITS},
-    "real_authors": "real_authors_perturbed",
-    "world_facts": "world_facts_perturbed",
+    REAL_AUTHORS: "real_authors_perturbed",
+    WORLD_FACTS: "world_facts_perturbed",
     IDK: "idontknow",
 }
 """Split name -> TOFU file stem (``.json`` or ``.jsonl``) in a local directory, and hub config name."""
 
-UTILITY_IDS = {"real_authors": ("ra", "real"), "world_facts": ("wf", "world")}
+UTILITY_IDS = {REAL_AUTHORS: ("ra", "real"), WORLD_FACTS: ("wf", "world")}
 HUB_HINT = "offline? use data.source=local with data.local_dir=<dir of TOFU JSON files>"
 
 
@@ -217,7 +207,7 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def _expected_files() -> str:
-    required = ("full", *UTILITY_SPLITS)
+    required = (FULL, *UTILITY_SPLITS)
     optional = [f"{FILE_STEMS[n]}.json" for n in (*QA_SPLITS, *PERTURBED_SPLITS) if n not in required] + ["idontknow.jsonl"]
     return (
         f"{', '.join(FILE_STEMS[n] + '.json' for n in required)} (required) and optionally {', '.join(optional)}"
@@ -242,7 +232,7 @@ def load_local(local_dir: str | Path, *, qa_per_author: int = TOFU_QA_PER_AUTHOR
             file=str(directory),
         )
     paths = {name: _find(directory, stem) for name, stem in FILE_STEMS.items()}
-    required = ("full", *UTILITY_SPLITS)
+    required = (FULL, *UTILITY_SPLITS)
     missing = [f"{FILE_STEMS[n]}.json" for n in required if paths[n] is None]
     if missing:
         raise DataError(
@@ -273,8 +263,8 @@ def assemble_tofu(
     each split's file for error messages.
     """
     labels = {name: labels.get(name, name) if labels else name for name in (*SPLIT_NAMES, IDK)}
-    full_label = labels["full"]
-    full_raw = raw["full"]
+    full_label = labels[FULL]
+    full_raw = raw[FULL]
     if qa_per_author < 1:
         raise DataError(f"qa_per_author must be >= 1, got {qa_per_author}")
     if len(full_raw) % qa_per_author:
@@ -298,7 +288,7 @@ def assemble_tofu(
         full.append(_row(r, f"tofu-{i:0{width}d}", f"tofu-a{i // qa_per_author:0{a_width}d}"))
 
     # Each file is validated as soon as it is read, so an error names that file, not a split derived from it.
-    splits: dict[str, list] = {"full": validate_rows(full, file=full_label, kind="qa")}
+    splits: dict[str, list] = {FULL: validate_rows(full, file=full_label, kind="qa")}
     for name in QA_SPLITS[1:] + PERTURBED_SPLITS:
         if name in raw:
             rows = [_match(r, full, index, file=labels[name], row_index=i) for i, r in enumerate(raw[name])]
@@ -315,7 +305,7 @@ def assemble_tofu(
     for name in PERTURBED_SPLITS:
         if name in splits:
             continue
-        wanted = derived["retain_perturbed"] if name == "retain_perturbed" else splits[name.removesuffix("_perturbed")]
+        wanted = derived[RETAIN_PERTURBED] if name == RETAIN_PERTURBED else splits[name.removesuffix("_perturbed")]
         lacking = [r["id"] for r in wanted if r["id"] not in pool]
         if lacking:
             present = [labels[n] for n in PERTURBED_SPLITS if n in raw]

@@ -15,17 +15,35 @@ pipeline, is far more expensive than one found while reading the files.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any
 
-Kind = Literal["qa", "perturbed", "utility"]
+from ..errors import UserError
+from .names import (
+    ALL_SPLIT_NAMES,
+    FORGET_PCTS,
+    FORGET_SPLITS,
+    FULL,
+    IDK,
+    PERTURBED_SPLITS,
+    QA_SPLITS,
+    RETAIN_PERTURBED,
+    SPLIT_KINDS,
+    SPLIT_NAMES,
+    TOFU_FORGET_SPLITS,
+    UTILITY_SPLITS,
+    Kind,
+    perturbed_of,
+    retain_of,
+)
+
+# The split names are defined in .names; they are re-exported here for the modules that always took them from here.
+__all__ = [
+    "FORGET_PCTS", "IDK", "N_PERTURBED", "PERTURBED_SPLITS", "QA_SPLITS", "ROW_KEYS", "SPLIT_NAMES", "UTILITY_SPLITS",
+    "DataError", "Kind", "check_disjoint", "require_text", "retain_of", "split_kind", "validate_idk", "validate_rows",
+    "validate_split_set", "validate_splits",
+]
 
 ROW_KEYS: tuple[str, ...] = ("id", "author_id", "question", "answer", "paraphrased_answer", "perturbed_answer")
-FORGET_PCTS: tuple[str, ...] = ("01", "05", "10")
-QA_SPLITS: tuple[str, ...] = ("full", "forget01", "forget05", "forget10", "retain99", "retain95", "retain90")
-PERTURBED_SPLITS: tuple[str, ...] = ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed")
-UTILITY_SPLITS: tuple[str, ...] = ("real_authors", "world_facts")
-SPLIT_NAMES: tuple[str, ...] = QA_SPLITS + PERTURBED_SPLITS + UTILITY_SPLITS
-IDK = "idk"
 
 N_PERTURBED = {"perturbed": 5, "utility": 3}
 """TOFU: 5 perturbed answers per author QA, 3 wrong options per real-author / world-fact question."""
@@ -33,25 +51,19 @@ N_PERTURBED = {"perturbed": 5, "utility": 3}
 
 def split_kind(name: str) -> Kind:
     """Which validation rules apply to split ``name`` (DataError for an unknown name)."""
-    if name in QA_SPLITS:
-        return "qa"
-    if name in PERTURBED_SPLITS:
-        return "perturbed"
-    if name in UTILITY_SPLITS:
-        return "utility"
-    raise DataError(f"unknown split {name!r}; expected one of {', '.join(SPLIT_NAMES)} (or {IDK!r})")
+    kind = SPLIT_KINDS.get(name)
+    if kind is None:
+        raise DataError(f"unknown split {name!r}; expected one of {', '.join(ALL_SPLIT_NAMES)} (or {IDK!r})")
+    return kind
 
 
-def retain_of(forget: str) -> str:
-    """``forget10`` -> ``retain90`` (TOFU: retainXX is the complement of forget(100-XX))."""
-    return "retain" + str(100 - int(forget[-2:]))
-
-
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem, located: ``<file>, line L, row R, field 'F': <what is wrong / expected>``.
 
     ``row`` is the 0-based index of the record in its file (for JSON Lines the
-    1-based ``line`` is given too, since that is what an editor shows).
+    1-based ``line`` is given too, since that is what an editor shows). A
+    :class:`~unlearn.errors.UserError`: the data is the user's to fix, so the CLI
+    prints this message and exits with code 2.
     """
 
     def __init__(
@@ -236,60 +248,94 @@ def validate_splits(splits: Mapping[str, Any], *, origin: Mapping[str, str] | No
     """Validate a complete dataset (every split in :data:`SPLIT_NAMES` plus ``idk``) and its cross-split invariants.
 
     ``origin`` maps a split name to the file it came from, so messages point at
-    the file to fix. Beyond each split's own schema this checks, for XX in 01/05/10:
-    forgetXX and retainXX disjoint (by author and row) and together exactly
-    ``full``; forgetXX_perturbed holds the same rows as forgetXX; retain_perturbed
-    shares no author with any forget split; every author row matches its ``full``
-    row (same question, answer, author); utility ids do not collide with author-row ids.
+    the file to fix. The rules are those of :func:`validate_split_set`; a
+    complete dataset is where all of them apply.
+    """
+    return validate_split_set(splits, allowed=(*SPLIT_NAMES, IDK), required=(*SPLIT_NAMES, IDK), origin=origin)
+
+
+def validate_split_set(
+    splits: Mapping[str, Any],
+    *,
+    allowed: Iterable[str] = (*ALL_SPLIT_NAMES, IDK),
+    required: Iterable[str] = (),
+    origin: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Validate any set of splits (a whole dataset, a request split set, the few a stage reads): one rule book.
+
+    Each split is checked against the schema of its kind (``idk`` as refusal
+    strings); then every cross-split rule whose splits are all in the set:
+
+    * with ``full``: every author split is a subset of ``full`` and each row
+      matches its ``full`` row (same question, answer, author); utility ids do
+      not collide with author-row ids;
+    * for each forget split F (forgetXX, forget_requests): F and its retain
+      split (:func:`~unlearn.data.names.retain_of`) are disjoint by author and
+      row, and for forgetXX together exactly ``full``; F's perturbed split holds
+      F's rows; ``retain_perturbed`` shares no author or row with F.
+
+    A rule that needs a split not in the set is skipped, so reading two splits
+    checks what two splits can show and writing a dataset checks everything.
+    Names outside ``allowed`` or a missing ``required`` name raise DataError.
+    Returns the normalised splits (see :func:`validate_rows`) in the order of
+    :data:`~unlearn.data.names.ALL_SPLIT_NAMES`, ``idk`` last.
     """
     origin = dict(origin or {})
+    allowed = tuple(allowed)
 
     def where(name: str) -> str:
         return origin.get(name, name)
 
-    unknown = [k for k in splits if k not in SPLIT_NAMES and k != IDK]
+    unknown = [k for k in splits if k not in allowed]
     if unknown:
-        raise DataError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected {', '.join(SPLIT_NAMES)}, {IDK}")
-    missing = [k for k in (*SPLIT_NAMES, IDK) if k not in splits]
+        raise DataError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected {', '.join(allowed)}")
+    missing = [k for k in required if k not in splits]
     if missing:
         raise DataError(f"missing split(s): {', '.join(missing)}")
-    out: dict[str, Any] = {name: validate_rows(splits[name], file=where(name), kind=split_kind(name)) for name in SPLIT_NAMES}
-    out[IDK] = validate_idk(splits[IDK], file=where(IDK))
+    out: dict[str, Any] = {
+        name: validate_rows(splits[name], file=where(name), kind=split_kind(name)) for name in ALL_SPLIT_NAMES if name in splits
+    }
+    if IDK in splits:
+        out[IDK] = validate_idk(splits[IDK], file=where(IDK))
 
-    full = {r["id"]: r for r in out["full"]}
-    for name in QA_SPLITS[1:] + PERTURBED_SPLITS:
-        for i, r in enumerate(out[name]):
-            ref = full.get(r["id"])
-            if ref is None:
-                raise DataError(f"id {r['id']!r} is not a row of full; every split must be a subset of full", file=where(name), row=i, field="id")
-            for key in ("author_id", "question", "answer"):
-                if r[key] != ref[key]:
-                    raise DataError(
-                        f"differs from the same row ({r['id']}) in full: {r[key]!r} vs {ref[key]!r}", file=where(name), row=i, field=key
-                    )
-    for name in UTILITY_SPLITS:
-        for i, r in enumerate(out[name]):
-            if r["id"] in full:
-                raise DataError(f"id {r['id']!r} is also an author row id; ids must be unique across the dataset", file=where(name), row=i, field="id")
+    full = {r["id"]: r for r in out[FULL]} if FULL in out else None
+    if full is not None:
+        for name in (n for n in ALL_SPLIT_NAMES if n in out and n != FULL and SPLIT_KINDS[n] != "utility"):
+            for i, r in enumerate(out[name]):
+                ref = full.get(r["id"])
+                if ref is None:
+                    raise DataError(f"id {r['id']!r} is not a row of full; every split must be a subset of full", file=where(name), row=i, field="id")
+                for key in ("author_id", "question", "answer"):
+                    if r[key] != ref[key]:
+                        raise DataError(
+                            f"differs from the same row ({r['id']}) in full: {r[key]!r} vs {ref[key]!r}", file=where(name), row=i, field=key
+                        )
+        for name in (n for n in UTILITY_SPLITS if n in out):
+            for i, r in enumerate(out[name]):
+                if r["id"] in full:
+                    raise DataError(f"id {r['id']!r} is also an author row id; ids must be unique across the dataset", file=where(name), row=i, field="id")
 
-    for pct in FORGET_PCTS:
-        forget, retain = f"forget{pct}", retain_of(f"forget{pct}")
-        check_disjoint(out[forget], out[retain], forget_name=where(forget), retain_name=where(retain))
-        union = {r["id"] for r in out[forget]} | {r["id"] for r in out[retain]}
-        if union != set(full):
-            lost = [i for i in full if i not in union]
-            raise DataError(
-                f"{forget} and {retain} together must be exactly full; {len(lost)} row(s) of full are in neither ({_first(lost)})",
-                file=where(retain),
-            )
-        want = {r["id"] for r in out[forget]}
-        got = {r["id"] for r in out[f"{forget}_perturbed"]}
-        if want != got:
-            extra = [r["id"] for r in out[f"{forget}_perturbed"] if r["id"] not in want]
-            lack = [r["id"] for r in out[forget] if r["id"] not in got]
-            raise DataError(
-                f"must hold the same rows as {forget}: {len(lack)} missing ({_first(lack)}), {len(extra)} extra ({_first(extra)})",
-                file=where(f"{forget}_perturbed"),
-            )
-        check_disjoint(out[forget], out["retain_perturbed"], forget_name=where(forget), retain_name=where("retain_perturbed"))
+    for forget in (f for f in FORGET_SPLITS if f in out):
+        retain, perturbed = retain_of(forget), perturbed_of(forget)
+        if retain in out:
+            check_disjoint(out[forget], out[retain], forget_name=where(forget), retain_name=where(retain))
+            union = {r["id"] for r in out[forget]} | {r["id"] for r in out[retain]}
+            if full is not None and forget in TOFU_FORGET_SPLITS and union != set(full):
+                lost = [i for i in full if i not in union]
+                raise DataError(
+                    f"{forget} and {retain} together must be exactly full; {len(lost)} row(s) of full are in neither ({_first(lost)})",
+                    file=where(retain),
+                )
+        if perturbed in out:
+            want = {r["id"] for r in out[forget]}
+            got = {r["id"] for r in out[perturbed]}
+            if want != got:
+                extra = [r["id"] for r in out[perturbed] if r["id"] not in want]
+                lack = [r["id"] for r in out[forget] if r["id"] not in got]
+                raise DataError(
+                    f"must hold the same rows as {forget}: {len(lack)} missing ({_first(lack)}), {len(extra)} extra ({_first(extra)})",
+                    file=where(perturbed),
+                )
+        if RETAIN_PERTURBED in out:
+            check_disjoint(out[forget], out[RETAIN_PERTURBED], forget_name=where(forget), retain_name=where(RETAIN_PERTURBED))
     return out

@@ -15,7 +15,8 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .schema import FORGET_PCTS, IDK, SPLIT_NAMES
+from . import names
+from .names import FULL, IDK, SPLIT_NAMES, TOFU_FORGET_SPLITS, perturbed_of
 from .splits import split_by_authors
 
 # --- word lists (kept small: they are most of the tokenizer's vocabulary) -----------------
@@ -404,7 +405,7 @@ def _utility_row(id_: str, author_id: str, question: str, answer: str, wrong: li
 
 
 def generate_tofu(n_authors: int = 40, qa_per_author: int = 20, seed: int = 0) -> dict[str, list]:
-    """A complete TOFU-shaped dataset: every split of :data:`~unlearn.data.schema.SPLIT_NAMES` plus ``idk``.
+    """A complete TOFU-shaped dataset: every split of :data:`~unlearn.data.names.SPLIT_NAMES` plus ``idk``.
 
     ``n_authors`` fictitious authors x ``qa_per_author`` (<= 20) questions each
     (the default gives 800 author rows). Every author row carries a paraphrase
@@ -419,14 +420,11 @@ def generate_tofu(n_authors: int = 40, qa_per_author: int = 20, seed: int = 0) -
     authors, pools = _make_authors(rng, n_authors)
     full = [row for i, facts in enumerate(authors) for row in _author_rows(rng, i, facts, pools, qa_per_author)]
     selected = split_by_authors(full)
-    out: dict[str, list] = {"full": full}
-    for pct in FORGET_PCTS:
-        out[f"forget{pct}"] = selected[f"forget{pct}"]
-        out[f"retain{100 - int(pct)}"] = selected[f"retain{100 - int(pct)}"]
-        out[f"forget{pct}_perturbed"] = selected[f"forget{pct}"]
-    out["retain_perturbed"] = selected["retain_perturbed"]
-    out["real_authors"] = real_authors(rng)
-    out["world_facts"] = world_facts(rng)
+    out: dict[str, list] = {FULL: full, **selected}  # forgetXX, retainXX, retain_perturbed
+    for forget in TOFU_FORGET_SPLITS:
+        out[perturbed_of(forget)] = selected[forget]
+    out[names.REAL_AUTHORS] = real_authors(rng)
+    out[names.WORLD_FACTS] = world_facts(rng)  # (this module's WORLD_FACTS is the facts, not the split name)
     # Splits share row dicts with ``full``; give each split its own copies so a caller mutating one cannot corrupt another.
     result: dict[str, list] = {name: [dict(r, perturbed_answer=list(r["perturbed_answer"])) for r in out[name]] for name in SPLIT_NAMES}
     result[IDK] = list(IDK_RESPONSES)

@@ -39,8 +39,6 @@ cut changes what every metric measures, so it is always reported.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
@@ -48,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .schema import DataError, N_PERTURBED, retain_of
-from .splits import MANIFEST, n_forget_authors
+from .names import FULL, REAL_AUTHORS, RETAIN_PERTURBED, WORLD_FACTS, perturbed_of, retain_of
+from .schema import N_PERTURBED, DataError, split_kind
+from .splits import MANIFEST, SplitFileError, load_split_file, n_forget_authors, read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -68,15 +67,10 @@ RESULT_FILE = Path("validation") / "result.json"
 
 def gate_splits(forget_split: str) -> list[str]:
     """The splits the suite checks for ``forget_split`` (forgetXX), in report order."""
-    return [forget_split, retain_of(forget_split), f"{forget_split}_perturbed", "retain_perturbed", "real_authors", "world_facts", "full"]
+    return [forget_split, retain_of(forget_split), perturbed_of(forget_split), RETAIN_PERTURBED, REAL_AUTHORS, WORLD_FACTS, FULL]
 
 
-def _kind(name: str) -> str:
-    if name.endswith("_perturbed"):
-        return "perturbed"
-    if name in ("real_authors", "world_facts"):
-        return "utility"
-    return "qa"
+_kind = split_kind  # the schema's kind of a split decides its expectations and which fields are encoded
 
 
 # --------------------------------------------------------------------------- report
@@ -155,8 +149,8 @@ class ValidationReport:
 class ValidationFailed(DataError):
     """The suite failed; ``str(e)`` is the rendered report, ``e.report`` the :class:`ValidationReport`.
 
-    A :class:`~unlearn.data.schema.DataError` (hence a ``ValueError``), so the CLI's
-    friendly error handler prints it and exits with code 2.
+    A :class:`~unlearn.data.schema.DataError` (hence a :class:`~unlearn.errors.UserError`),
+    so the CLI's friendly error handler prints it and exits with code 2.
     """
 
     def __init__(self, report: ValidationReport) -> None:
@@ -259,7 +253,7 @@ def _expectations(
     if kind in N_PERTURBED and "n_perturbed" in cols:
         n = N_PERTURBED[kind]
         exps.append(gxe.ExpectColumnValuesToBeBetween(column="n_perturbed", min_value=n, max_value=n))
-    if name in (retain_of(forget_split), "retain_perturbed"):
+    if name in (retain_of(forget_split), RETAIN_PERTURBED):
         if "author_id" in cols and forget_authors:
             exps.append(gxe.ExpectColumnValuesToNotBeInSet(column="author_id", value_set=forget_authors))
         if "id" in cols and forget_ids:
@@ -273,7 +267,7 @@ def _expectations(
             exps.append(gxe.ExpectTableRowCountToEqual(value=entry["rows"], meta={"rules": [f"rows in {MANIFEST}"]}))
         if isinstance(entry.get("authors"), int):
             author_rules.setdefault(entry["authors"], []).append(f"authors in {MANIFEST}")
-    if n_authors and name in (forget_split, f"{forget_split}_perturbed", retain_of(forget_split)):
+    if n_authors and name in (forget_split, perturbed_of(forget_split), retain_of(forget_split)):
         pct = int(forget_split[-2:])
         k = n_forget_authors(n_authors, pct)
         rule = f"n_forget_authors({n_authors}, {pct}) = {k} of the {n_authors} authors in full"
@@ -396,7 +390,7 @@ def validate_splits_gx(
 
     forget_ids = col_values(forget_split, "id")
     forget_authors = col_values(forget_split, "author_id")
-    n_authors = len(col_values("full", "author_id")) or None
+    n_authors = len(col_values(FULL, "author_id")) or None
 
     if frames:
         ctx = _gx_context()
@@ -434,26 +428,22 @@ def result_path(p: Params) -> Path:
 
 
 def _load_split_file(out_dir: Path, name: str, manifest: dict) -> tuple[Any, dict | None]:
-    """The raw rows of ``<out_dir>/<name>.json`` (no schema check), or None and a failure saying why."""
-    path = out_dir / f"{name}.json"
+    """The raw rows of ``<out_dir>/<name>.json`` (sha256-checked, no schema check), or None and a failure saying why.
 
+    Read by the data layer's one split-file reader; what it raises becomes a
+    failure named after the check (``split_exists``, ``file_matches_manifest_sha256``,
+    ``file_is_json``), since the gate reports every problem instead of stopping at the first.
+    """
     def fail(exp: str, msg: str, observed: Any = None) -> tuple[None, dict]:
         return None, {"split": name, "expectation": exp, "column": None, "rows": [], "count": None,
-                      "observed": observed, "expected": None, "message": f"{path}: {msg}"}
+                      "observed": observed, "expected": None, "message": msg}
 
-    if not path.is_file():
-        return fail("split_exists", "split file not found")
-    data = path.read_bytes()
-    want = (manifest.get(name) or {}).get("sha256") if isinstance(manifest.get(name), dict) else None
-    if want is not None and hashlib.sha256(data).hexdigest() != want:
-        return fail("file_matches_manifest_sha256", f"sha256 differs from {MANIFEST}: the file changed after it was written",
-                    hashlib.sha256(data).hexdigest()[:12])
     try:
-        rows = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return fail("file_is_json", f"not a readable JSON file: {e}")
+        rows = load_split_file(out_dir, name, manifest)
+    except SplitFileError as e:
+        return fail(e.check, str(e), e.observed)
     if not isinstance(rows, list):
-        return fail("split_exists", "expected a JSON array of rows", type(rows).__name__)
+        return fail("split_exists", f"{out_dir / f'{name}.json'}: expected a JSON array of rows", type(rows).__name__)
     return rows, None
 
 
@@ -500,15 +490,7 @@ def run_validation(p: Params, *, tokenizer: Any = None, tokenizer_source: str | 
     from ..io import write_json
 
     out_dir = Path(p.data.out_dir)
-    mpath = out_dir / MANIFEST
-    if not mpath.is_file():
-        raise FileNotFoundError(f"no splits in {out_dir} ({MANIFEST} missing): run `unlearn prepare` (or `dvc repro prepare`) first")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"unreadable manifest: {e}", file=str(mpath)) from None
-    if not isinstance(manifest, dict):
-        raise DataError("expected a JSON object {split: {rows, authors, sha256}}", file=str(mpath))
+    manifest = read_manifest(out_dir)
     forget_split = p.data.forget_split
     splits: dict[str, Any] = {}
     file_failures: list[dict] = []

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from unlearn.fmt import fmt_number
+
 if TYPE_CHECKING:
-    from .tofu import EvalResult
+    from .tofu_metrics import EvalResult
 
 HEADLINE: tuple[tuple[str, str], ...] = (
     ("forget_quality", "Forget quality (KS p-value vs retain model; higher = closer to retain)"),
@@ -31,16 +32,6 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("forget_exact_mem", "Forget: exact memorisation"),
     ("forget_extraction_strength", "Forget: extraction strength"),
 )
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:.3e}" if (v != 0 and abs(v) < 1e-3) else f"{v:.4f}"
-    return str(v)
 
 
 def _md_cell(text: Any) -> str:
@@ -130,7 +121,7 @@ def write_report(
     # ---- Markdown
     md = [f"# {_md_cell(title)}", "", f"Forget split: `{result.forget_split}`", "", "| Metric | Value |", "|---|---|"]
     for key, label in HEADLINE:
-        md.append(f"| {_md_cell(label.strip())} | {_fmt(m.get(key))} |")
+        md.append(f"| {_md_cell(label.strip())} | {fmt_number(m.get(key))} |")
     if result.notes:
         md += ["", "## Notes", ""]
         md += [f"- **{_md_cell(k)}**: {_md_cell(v)}" for k, v in result.notes.items()]
@@ -141,7 +132,7 @@ def write_report(
         for e in examples:
             md.append(f"| {_md_cell(e['question'])} | {_md_cell(e['target'] if e['target'] is not None else 'n/a')} | "
                       f"{_md_cell(e['evaluated'] if e['evaluated'] is not None else 'n/a')} | "
-                      f"{_md_cell(e['truth'])} | {_fmt(e['rouge'])} |")
+                      f"{_md_cell(e['truth'])} | {fmt_number(e['rouge'])} |")
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
 
     # ---- HTML (self-contained)
@@ -150,7 +141,7 @@ def write_report(
     sub = ' class="sub"'
     rows_html = "\n".join(
         f"<tr><td{sub if label.startswith('  ') else ''}>{esc(label.strip())}</td>"
-        f"<td class=\"num\">{esc(_fmt(m.get(key)))}</td></tr>"
+        f"<td class=\"num\">{esc(fmt_number(m.get(key)))}</td></tr>"
         for key, label in HEADLINE)
     notes_html = ""
     if result.notes:
@@ -162,7 +153,7 @@ def write_report(
                    "<th>Evaluated model</th><th>Ground truth</th><th>ROUGE-L</th></tr>" + "".join(
                        f"<tr><td>{esc(e['question'])}</td><td>{esc(e['target'] if e['target'] is not None else 'n/a')}</td>"
                        f"<td>{esc(e['evaluated'] if e['evaluated'] is not None else 'n/a')}</td>"
-                       f"<td>{esc(e['truth'])}</td><td class=\"num\">{esc(_fmt(e['rouge']))}</td></tr>"
+                       f"<td>{esc(e['truth'])}</td><td class=\"num\">{esc(fmt_number(e['rouge']))}</td></tr>"
                        for e in examples) + "</table>")
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>

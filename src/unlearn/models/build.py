@@ -7,7 +7,6 @@ Hugging Face checkpoint given by ``model.path`` (a local directory or hub id).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -15,6 +14,7 @@ from typing import Iterable
 import torch
 
 from ..config import ArchCfg
+from ..io import sha256_file, stable_hash
 from .formatting import ensure_pad
 
 SPECIAL = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
@@ -138,14 +138,13 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
 
 
 def weights_hash(model_dir: str | Path) -> str:
-    """sha256 over the weight files of a saved model: its identity for caches and audit."""
-    h = hashlib.sha256()
+    """sha256 over the weight files of a saved model: its identity for caches and audit.
+
+    A content address of the ``[name, sha256]`` pair of every ``*.safetensors``
+    then ``*.bin`` file, so each file is streamed through :func:`unlearn.io.sha256_file`
+    (the one chunked file hash) and a renamed shard still changes the identity.
+    """
     files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {model_dir}")
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return stable_hash([[f.name, sha256_file(f)] for f in files])

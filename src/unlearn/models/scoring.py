@@ -1,6 +1,7 @@
 """Answer-token log-probabilities: the one primitive behind training losses and metrics.
 
-Everything is batched: one forward pass per batch of answers, the per-token
+Everything is batched: one forward pass per batch of answers (the shared
+:func:`~unlearn.models.teacher_forced.teacher_forced_pass`), the per-token
 log-probabilities gathered with a single ``cross_entropy`` call.
 """
 
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formatting import IGNORE, collate, encode_many
+from .formatting import IGNORE, encode_many
+from .teacher_forced import teacher_forced_pass
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,24 +64,18 @@ def score_answers(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed answer NLL and answer length per (question, answer) pair.
 
-    Pairs are scored in batches; callers flatten paraphrased and perturbed
-    answers into one list so they share forward passes.
+    One :func:`~unlearn.models.teacher_forced.teacher_forced_pass` (rows sorted
+    by length so each batch pads little; results in the callers' order);
+    callers flatten paraphrased and perturbed answers into one list so they
+    share forward passes.
     """
-    model.eval()
-    device = device or next(model.parameters()).device
     enc = encode_many(tokenizer, questions, answers, max_length)
     nll = np.zeros(len(enc), dtype=np.float64)
     n = np.zeros(len(enc), dtype=np.int64)
-    # Sort by length so each batch pads little; restore order at the end.
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        batch = collate([enc[i] for i in idx], tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        s, L = sequence_logprob(logits, batch["labels"])
-        nll[idx] = (-s).double().cpu().numpy()
-        n[idx] = L.cpu().numpy()
+    for b in teacher_forced_pass(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device):
+        s, L = sequence_logprob(b.logits, b.labels)
+        nll[b.rows] = (-s).double().cpu().numpy()
+        n[b.rows] = L.cpu().numpy()
     return nll, n
 
 

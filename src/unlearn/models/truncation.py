@@ -3,13 +3,13 @@
 Truncation used to be silent: a cut answer is trained and scored on part of its
 tokens only, so a too-small ``model.max_length`` quietly changes every metric.
 The validation gate (:mod:`unlearn.data.validate`) and every evaluation
-(:mod:`unlearn.eval.tofu`) count it with :func:`truncation_table` and warn
+(:mod:`unlearn.eval.tofu_metrics`) count it with :func:`truncation_table` and warn
 (:func:`truncation_warning`) when any row is cut; it is a warning, not a
 failure, because a cut row is still a valid (shorter) example.
 
 Every text that is encoded after the question counts, each as one row: the
 answer, the paraphrased answer and each perturbed answer (the evaluation scores
-all of them under the question; see ``eval/tofu.py``'s ``_split_scores``).
+all of them under the question; see ``eval/tofu_metrics.py``'s ``split_scores``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Deletion requests: the ledger, the inbox, the forget set they imply, and the audit trail.
+"""Deletion requests: the ledger, the inbox, the forget set they imply, the audit trail, and the cycle that
+honours them (:mod:`unlearn.requests.cycle`: ``unlearn request run`` and the Prefect deployment unlearn/requests).
 
 See ``docs/requests.md`` for the life of a request and how the pipeline uses this.
 ``request_app`` (the ``unlearn request`` typer sub-app) lives in
@@ -24,6 +25,7 @@ from .audit import (
     render_audit_request,
     request_tag,
 )
+from .cycle import CycleSteps, RequestPaths, honour_requests
 from .forget_set import (
     FORGET,
     FORGET_PERTURBED,
@@ -51,11 +53,11 @@ from .ledger import (
 
 __all__ = [
     "ACCEPTED", "FORGET", "FORGET_PERTURBED", "GIT_COMMIT_TAGS", "RETAIN", "STATUSES", "TAG_FORGET_ROWS",
-    "TAG_FORGET_SET_HASH", "TAG_REQUEST_IDS", "AddResult", "InboxError", "IngestResult", "Ledger", "Match", "Request",
-    "RequestError", "RequestsCfg", "TransitionError", "as_version_info", "audit_html", "audit_model", "audit_request",
-    "build_request_splits", "forget_rows_for", "forget_set_hash", "ingest_inbox", "match_subject", "parse_request_ids",
-    "read_request_splits", "render_audit_model", "render_audit_request", "request_app", "request_tag",
-    "requests_settings", "write_request_splits",
+    "TAG_FORGET_SET_HASH", "TAG_REQUEST_IDS", "AddResult", "CycleSteps", "InboxError", "IngestResult", "Ledger", "Match",
+    "Request", "RequestError", "RequestPaths", "RequestsCfg", "TransitionError", "as_version_info", "audit_html",
+    "audit_model", "audit_request", "build_request_splits", "forget_rows_for", "forget_set_hash", "honour_requests",
+    "ingest_inbox", "match_subject", "parse_request_ids", "read_request_splits", "render_audit_model",
+    "render_audit_request", "request_app", "request_tag", "requests_settings", "write_request_splits",
 ]
 
 

@@ -33,6 +33,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from ..fmt import fmt_number
 from .ledger import Ledger, Request
 
 TAG_REQUEST_IDS = "request_ids"
@@ -93,6 +94,12 @@ def _num(x: Any) -> Any:
         except ValueError:
             return x
     return x
+
+
+def _count(x: Any) -> Any:
+    """A row count from a tag (``"21"``) as an int, so it prints as ``21`` rather than ``21.0000``."""
+    n = _num(x)
+    return int(n) if isinstance(n, float) and n.is_integer() else n
 
 
 def _metric(v: Mapping[str, Any], key: str) -> Any:
@@ -227,7 +234,7 @@ def audit_model(version_info: Mapping[str, Any] | Any, ledger: Ledger) -> dict[s
         "request_ids": ids,
         "requests": requests,
         "forget_set_hash": fhash,
-        "forget_rows": _num(tags.get(TAG_FORGET_ROWS)),
+        "forget_rows": _count(tags.get(TAG_FORGET_ROWS)),
         "data": {k: val for k, val in sorted(tags.items()) if k.startswith(DATA_TAG_PREFIX)},
         "params": dict(sorted(params.items())),
         "git_commit": next((tags[k] for k in GIT_COMMIT_TAGS if tags.get(k)), None),
@@ -237,13 +244,6 @@ def audit_model(version_info: Mapping[str, Any] | Any, ledger: Ledger) -> dict[s
 
 
 # --------------------------------------------------------------------------- rendering
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.4g}"
-    return str(x)
-
 
 def _subject(d: Mapping[str, Any]) -> str:
     if not d.get("subject_type"):
@@ -272,8 +272,8 @@ def render_audit_request(d: Mapping[str, Any]) -> str:
             alias = f" [{', '.join(e['aliases'])}]" if e.get("aliases") else ""
             lines.append(
                 f"    {e['name']} v{e['version']}{alias} (from {'+'.join(e['source'])}): "
-                f"forget_quality={_fmt(e.get('forget_quality'))} model_utility={_fmt(e.get('model_utility'))} "
-                f"answer prob before={_fmt(e.get('prob_before'))} after={_fmt(e.get('prob_after'))}"
+                f"forget_quality={fmt_number(e.get('forget_quality'))} model_utility={fmt_number(e.get('model_utility'))} "
+                f"answer prob before={fmt_number(e.get('prob_before'))} after={fmt_number(e.get('prob_after'))}"
             )
     else:
         lines.append("  model versions honouring it: none")
@@ -293,12 +293,12 @@ def render_audit_model(d: Mapping[str, Any]) -> str:
         f"model {d['name']} v{d['version']}{alias}",
         f"  run:           {d.get('run_id') or 'n/a'}",
         f"  git commit:    {d.get('git_commit') or 'n/a'}",
-        f"  forget set:    {d.get('forget_set_hash') or 'n/a'} ({_fmt(d.get('forget_rows'))} rows)",
+        f"  forget set:    {d.get('forget_set_hash') or 'n/a'} ({fmt_number(d.get('forget_rows'))} rows)",
     ]
     for k, val in d.get("data", {}).items():
         lines.append(f"  {k}: {val}")
     if d.get("metrics"):
-        lines.append("  metrics:       " + " ".join(f"{k}={_fmt(val)}" for k, val in d["metrics"].items()))
+        lines.append("  metrics:       " + " ".join(f"{k}={fmt_number(val)}" for k, val in d["metrics"].items()))
     if d.get("params"):
         lines.append("  params:        " + " ".join(f"{k}={val}" for k, val in d["params"].items()))
     lines.append(f"  requests ({len(d['requests'])}):")
@@ -323,7 +323,7 @@ _CSS = (
 def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{e(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{e(fmt_number(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -1,4 +1,4 @@
-"""``unlearn request ...``: record deletion requests, list them, ingest the inbox.
+"""``unlearn request ...``: record deletion requests, list them, ingest the inbox, honour them (``run``).
 
 Mounted by the main CLI with ``app.add_typer(request_app, name="request")``. Every
 command reads ``params.yaml`` (``--params``/``--set``): ``data.out_dir`` for the
@@ -15,7 +15,8 @@ import typer
 
 request_app = typer.Typer(
     help="Deletion requests ('forget author X', 'forget rows a,b,c'): record them in the ledger, list them, "
-    "ingest the inbox. The pipeline unlearns every accepted request and marks it fulfilled with the model version.",
+    "ingest the inbox, honour them (`run`: unlearn every accepted request and mark it fulfilled with the model "
+    "version).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -155,3 +156,39 @@ def show(
         typer.echo(f"  fulfilled by: {r.model_name} v{r.model_version} (forget set {r.forget_set_hash})")
     for ev in events:
         typer.echo(f"  {ev['at']}  {ev['from_status'] or '-'} -> {ev['to_status']}  {ev['detail'] or ''}".rstrip())
+
+
+@request_app.command("run")
+@_friendly
+def run(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Honour every pending deletion request, end to end, in this process (no Prefect needed): ingest the inbox,
+    claim the pending requests, build the forget set's splits (and `dvc add` them in a DVC repository), train its
+    retain model, unlearn the target model, evaluate retain/target/unlearned, gate and register, then mark the
+    requests fulfilled with the registered version, or back to pending with the reason. The same cycle as the
+    Prefect deployment unlearn/requests. Needs the prepared data and the target model (`dvc repro`). Exit code 1
+    when the gate fails; a crash leaves the requests claimed (in_progress) for the next run to recover."""
+    from ..cli import _setup
+    from ..fmt import fmt_number
+    from .cycle import CycleSteps, honour_requests
+
+    _setup()
+    out = honour_requests(CycleSteps(params, set_ or []))
+    if out["status"] == "idle":
+        typer.echo("no pending deletion requests")
+        return
+    d, info = out["decision"], out["forget_set"]
+    typer.echo(f"forget set {info['forget_set_hash'][:12]}: {info['rows']} rows, honouring "
+               f"{', '.join(info['honoured'])} (splits in {info['dir']})")
+    for name, m in out["metrics"].items():
+        typer.echo(f"  {name:<9}  forget_quality={fmt_number(m.get('forget_quality'))}  "
+                   f"model_utility={fmt_number(m.get('model_utility'))}")
+    ids = ", ".join(out["requests"])
+    if out["status"] == "fulfilled":
+        aliases = f" ({', '.join(d['aliases'])})" if d.get("aliases") else ""
+        typer.echo(f"fulfilled: {ids} by {d['registered_model']} v{d['version']}{aliases}")
+        return
+    typer.echo(f"gate failed: {ids} back to pending: {'; '.join(d.get('reasons') or ['not registered'])}", err=True)
+    raise typer.Exit(1)

@@ -5,33 +5,45 @@ request (pending, in_progress and fulfilled: a model registered later must keep
 honouring requests fulfilled earlier), in ``full``'s order, deduplicated. Its
 identity is :func:`forget_set_hash`, which goes into the ledger (``mark_fulfilled``)
 and onto the registered model version (tag ``forget_set_hash``).
+
+The request splits are an ordinary split directory: written and read by the data
+layer's one writer and reader (:func:`unlearn.data.splits.write_splits`,
+:func:`~unlearn.data.splits.read_split_dir`), with the same flat manifest as the
+benchmark splits; :func:`write_request_splits` / :func:`read_request_splits`
+are those two with the request-specific arguments. The split names are
+:mod:`unlearn.data.names`' ``FORGET_REQUESTS``, ``RETAIN_REQUESTS`` and
+``FORGET_REQUESTS_PERTURBED``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.schema import N_PERTURBED, DataError, check_disjoint, validate_rows
-from ..io import atomic_write_text, sha256_bytes
+from ..data import splits as _splits
+from ..data.names import (
+    FORGET_REQUESTS,
+    FORGET_REQUESTS_PERTURBED,
+    REAL_AUTHORS,
+    RETAIN_PERTURBED,
+    RETAIN_REQUESTS,
+    WORLD_FACTS,
+)
+from ..data.schema import N_PERTURBED, check_disjoint, validate_rows
+from ..data.splits import forget_set_hash, read_manifest, read_split_dir, write_splits
 from .ledger import ACCEPTED, Request, RequestError, match_subject
 
-FORGET = "forget_requests"
-RETAIN = "retain_requests"
-FORGET_PERTURBED = "forget_requests_perturbed"
-PASS_THROUGH = ("real_authors", "world_facts", "retain_perturbed")
-REQUEST_SPLIT_KINDS = {
-    FORGET: "qa",
-    RETAIN: "qa",
-    FORGET_PERTURBED: "perturbed",
-    "retain_perturbed": "perturbed",
-    "real_authors": "utility",
-    "world_facts": "utility",
-}
-MANIFEST = "manifest.json"
+__all__ = [
+    "FORGET", "FORGET_PERTURBED", "FORGET_REQUESTS", "FORGET_REQUESTS_PERTURBED", "RETAIN", "RETAIN_REQUESTS",
+    "build_request_splits", "forget_rows_for", "forget_set_hash", "read_request_splits", "write_request_splits",
+]
+
+# Deprecated aliases of the names above: "FORGET" alone also names the evaluation's forget role, so new code
+# imports FORGET_REQUESTS / RETAIN_REQUESTS / FORGET_REQUESTS_PERTURBED (here or from unlearn.data.names).
+FORGET = FORGET_REQUESTS
+RETAIN = RETAIN_REQUESTS
+FORGET_PERTURBED = FORGET_REQUESTS_PERTURBED
 
 
 def _as_request(r: Request | Mapping[str, Any]) -> Request:
@@ -72,15 +84,6 @@ def forget_rows_for(
     return out
 
 
-def forget_set_hash(rows: Iterable[Mapping[str, Any] | str]) -> str:
-    """sha256 (hex) of the sorted, unique row ids joined by ``\\n`` (UTF-8): independent of order and duplicates.
-
-    Accepts rows (dicts with ``id``) or bare ids. The empty set hashes the empty string.
-    """
-    ids = sorted({r if isinstance(r, str) else r["id"] for r in rows})
-    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
-
-
 def _has_perturbations(row: Mapping[str, Any]) -> bool:
     pert = row.get("perturbed_answer")
     return bool(row.get("paraphrased_answer")) and isinstance(pert, list) and len(pert) == N_PERTURBED["perturbed"]
@@ -119,63 +122,53 @@ def build_request_splits(
     forget = [dict(r) for r in full_rows if r["id"] in wanted]
     authors = {r["author_id"] for r in forget}
     out: dict[str, list[dict]] = {
-        FORGET: forget,
-        RETAIN: [dict(r) for r in full_rows if r["author_id"] not in authors],
+        FORGET_REQUESTS: forget,
+        RETAIN_REQUESTS: [dict(r) for r in full_rows if r["author_id"] not in authors],
     }
     by_id = {r["id"]: r for r in (perturbed_rows or ())}
     pert = [by_id.get(r["id"], r) for r in forget]
     if all(_has_perturbations(r) for r in pert):
-        out[FORGET_PERTURBED] = [dict(r, perturbed_answer=list(r["perturbed_answer"])) for r in pert]
-    for name, rows in (("real_authors", real_authors), ("world_facts", world_facts), ("retain_perturbed", retain_perturbed)):
-        kept = [dict(r) for r in rows or () if name != "retain_perturbed" or r["author_id"] not in authors]
+        out[FORGET_REQUESTS_PERTURBED] = [dict(r, perturbed_answer=list(r["perturbed_answer"])) for r in pert]
+    for name, rows in ((REAL_AUTHORS, real_authors), (WORLD_FACTS, world_facts), (RETAIN_PERTURBED, retain_perturbed)):
+        kept = [dict(r) for r in rows or () if name != RETAIN_PERTURBED or r["author_id"] not in authors]
         if kept:  # an empty split is no split (retain_perturbed can empty out when its authors are requested)
             out[name] = kept
-    check_disjoint(out[FORGET], out[RETAIN], forget_name=FORGET, retain_name=RETAIN)
-    if "retain_perturbed" in out:
-        check_disjoint(out[FORGET], out["retain_perturbed"], forget_name=FORGET, retain_name="retain_perturbed")
+    check_disjoint(out[FORGET_REQUESTS], out[RETAIN_REQUESTS], forget_name=FORGET_REQUESTS, retain_name=RETAIN_REQUESTS)
+    if RETAIN_PERTURBED in out:
+        check_disjoint(out[FORGET_REQUESTS], out[RETAIN_PERTURBED], forget_name=FORGET_REQUESTS, retain_name=RETAIN_PERTURBED)
     return out
-
-
-def _dumps(rows: Any) -> str:
-    return json.dumps(rows, ensure_ascii=False, sort_keys=True) + "\n"
 
 
 def write_request_splits(
     splits: Mapping[str, list[dict]], out_dir: str | Path, *, request_ids: Sequence[str], forget_set_hash: str
 ) -> dict[str, Any]:
-    """Write ``<out_dir>/<split>.json`` (canonical bytes, each file atomically) and ``manifest.json`` (last).
+    """Write the request splits to ``out_dir`` with the data layer's one writer; return the manifest.
 
-    The manifest records ``request_ids``, ``forget_set_hash`` and, per split,
-    ``rows``/``authors``/``sha256``, so a DVC stage over ``out_dir`` changes exactly
-    when the forget set does.
+    :func:`unlearn.data.splits.write_splits` validates them (names, schema,
+    forget/retain disjoint), writes canonical bytes and replaces ``out_dir`` as a
+    whole. The ``forget_requests`` entry of the manifest records ``request_ids``
+    (sorted) and the forget set's hash, so a DVC stage over ``out_dir`` changes
+    exactly when the forget set does. ``forget_set_hash`` is what the caller will
+    record in the ledger and the registry; it must be the hash of the
+    ``forget_requests`` rows, else RequestError (nothing is written), since a
+    model registered under one hash but unlearned on another set would be recorded
+    as honouring requests it did not.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {}
-    for name, rows in splits.items():
-        if name not in REQUEST_SPLIT_KINDS:
-            raise RequestError(f"unknown request split {name!r}; expected {', '.join(REQUEST_SPLIT_KINDS)}")
-        text = _dumps(rows)
-        atomic_write_text(out / f"{name}.json", text)
-        files[name] = {"rows": len(rows), "authors": len({r["author_id"] for r in rows}), "sha256": sha256_bytes(text.encode("utf-8"))}
-    manifest = {"request_ids": sorted(request_ids), "forget_set_hash": forget_set_hash, "splits": files}
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return manifest
+    rows = splits.get(FORGET_REQUESTS)
+    if rows is not None:  # (without it, the writer says which splits a request split set needs)
+        actual = _splits.forget_set_hash(validate_rows(rows, file=FORGET_REQUESTS, kind="qa"))
+        if actual != forget_set_hash:
+            raise RequestError(
+                f"forget_set_hash {forget_set_hash[:12]}... is not the hash of the {len(rows)} {FORGET_REQUESTS} rows "
+                f"({actual[:12]}...); pass forget_set_hash(splits[{FORGET_REQUESTS!r}])"
+            )
+    return write_splits(splits, out_dir, request_ids=request_ids)
 
 
 def read_request_splits(out_dir: str | Path) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """The splits written by :func:`write_request_splits` (sha256-checked, schema-validated) and the manifest."""
-    out = Path(out_dir)
-    mpath = out / MANIFEST
-    if not mpath.is_file():
-        raise DataError("request splits manifest not found (build the request splits first)", file=str(mpath))
-    manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    splits: dict[str, list[dict]] = {}
-    for name, info in manifest["splits"].items():
-        path = out / f"{name}.json"
-        data = path.read_bytes()
-        if sha256_bytes(data) != info["sha256"]:
-            raise DataError(f"sha256 does not match {MANIFEST}; the file changed after it was written", file=str(path))
-        splits[name] = validate_rows(json.loads(data), file=str(path), kind=REQUEST_SPLIT_KINDS[name])  # type: ignore[arg-type]
-    check_disjoint(splits[FORGET], splits[RETAIN], forget_name=str(out / f"{FORGET}.json"), retain_name=str(out / f"{RETAIN}.json"))
-    return splits, manifest
+    """The splits written by :func:`write_request_splits` (sha256-checked, schema-validated, disjointness-checked) and the manifest.
+
+    The data layer's one reader (:func:`unlearn.data.splits.read_split_dir`) over every split the manifest lists.
+    """
+    return read_split_dir(out_dir), read_manifest(out_dir)
+

@@ -39,9 +39,9 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ..config import ConfigError, Params
+from ..config import Params, RequestsCfg  # RequestsCfg is re-exported: it lives with the other sections
+from ..errors import UserError
 
 SubjectType = Literal["author", "rows"]
 Status = Literal["pending", "in_progress", "fulfilled", "rejected"]
@@ -57,7 +57,7 @@ NAME_SHARE = 0.25
 """An author name resolves to the authors whose rows mention it in at least this share of their rows."""
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request that cannot be recorded as given (bad id, bad subject type, unparsable date)."""
 
 
@@ -66,37 +66,13 @@ class TransitionError(RequestError):
 
 
 # --------------------------------------------------------------------------- settings
-class RequestsCfg(BaseModel):
-    """The ``requests:`` section of ``params.yaml`` (kept in ``Params.extra``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    ledger_url: str | None = None
-    inbox: str = "data/requests/inbox"
-    schedule_cron: str = "*/30 * * * *"
-
-    @field_validator("schedule_cron")
-    @classmethod
-    def _five_fields(cls, v: str) -> str:
-        if len(v.split()) != 5:
-            raise ValueError("expected a 5-field cron expression, e.g. '*/30 * * * *'")
-        return v
-
-    @property
-    def url(self) -> str:
-        """``ledger_url``, or ``sqlite:///data/requests/ledger.db`` (relative to the working directory)."""
-        return self.ledger_url or f"sqlite:///{DEFAULT_LEDGER_PATH}"
-
-
 def requests_settings(p: Params) -> RequestsCfg:
-    """The validated ``requests:`` section of ``p`` (defaults when absent); ConfigError names a bad key."""
-    raw = p.extra.get("requests") or {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"requests: expected a mapping (ledger_url, inbox, schedule_cron), got {type(raw).__name__}")
-    try:
-        return RequestsCfg(**raw)
-    except ValidationError as e:
-        lines = [f"  requests.{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})" for err in e.errors()]
-        raise ConfigError("invalid parameters\n" + "\n".join(lines)) from None
+    """The ``requests:`` section of ``p``: validated, with its defaults, when ``p`` was loaded.
+
+    Kept so that callers keep one name for "the request settings"; a bad key
+    (``requests.inbx``) or cron expression is a ``ConfigError`` from ``load_params`` itself.
+    """
+    return p.requests
 
 
 # --------------------------------------------------------------------------- schema

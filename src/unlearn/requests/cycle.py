@@ -1,0 +1,286 @@
+"""The request cycle: honour every pending deletion request, end to end, as library functions.
+
+::
+
+    intake (inbox -> ledger, stale claims recovered) -> claim (in_progress) -> target model
+      -> request splits (+ ``dvc add``) -> retain model for that forget set -> reference cache -> forget
+      -> evaluate retain, target, unlearned -> register -> ledger: fulfilled, or back to pending
+
+:func:`honour_requests` is that sequence, and the ledger transitions around it, written
+once. ``unlearn request run`` runs it in-process with :class:`CycleSteps`; the Prefect
+deployment ``unlearn/requests`` (``flows/pipelines.py``) runs the same function with a
+subclass whose steps are Prefect tasks (cached, retried). Neither face holds stage logic.
+
+Where one forget set's files go is :class:`RequestPaths`, the one place those paths are spelled.
+
+Crash safety: the requests are claimed (``in_progress``) before any stage runs. An
+exception puts them back to ``pending`` with the reason (and is re-raised); a process
+that is killed leaves them ``in_progress``, and the next run's intake recovers them.
+Only a registered version that passed the gate ever marks a request ``fulfilled``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from ..config import Params, load_params
+from ..data.names import FORGET_REQUESTS
+from .ledger import Ledger, requests_settings
+
+log = logging.getLogger("unlearn.requests")
+
+SPLITS_ROOT = Path("data/requests/splits")
+MODELS_ROOT = Path("models/requests")
+REPORTS_ROOT = Path("reports/requests")
+FAULT_ENV = "UNLEARN_FAULT_INJECT"
+"""Crash-safety testing: ``UNLEARN_FAULT_INJECT=<stage>`` kills the process (SIGKILL) as that stage starts."""
+
+
+@dataclass(frozen=True)
+class RequestPaths:
+    """Where everything of one forget set goes: splits, models and reports, keyed by its hash.
+
+    Relative to the project root (the working directory), like every path in
+    ``params.yaml``. The key is the first 12 hex digits of the forget-set hash: a
+    new forget set (a new request) gets new directories, a rerun on the same set
+    reuses them.
+    """
+
+    forget_set_hash: str
+
+    @property
+    def key(self) -> str:
+        return self.forget_set_hash[:12]
+
+    @property
+    def splits_dir(self) -> Path:
+        """The TOFU-format request splits (``data.out_dir`` of the request stages), versioned with ``dvc add``."""
+        return SPLITS_ROOT / self.key
+
+    @property
+    def retain_dir(self) -> Path:
+        """The gold-standard retain model of this forget set: trained without any of its authors."""
+        return MODELS_ROOT / self.key / "retain"
+
+    @property
+    def unlearned_dir(self) -> Path:
+        return MODELS_ROOT / self.key / "unlearned"
+
+    @property
+    def reports_dir(self) -> Path:
+        """``reports_dir`` of the request stages: their evaluations and decision never touch the pipeline's."""
+        return REPORTS_ROOT / self.key
+
+    def overrides(self) -> list[str]:
+        """The ``params.yaml`` overrides that point every stage at this forget set's splits and reports."""
+        return [f"data.out_dir={self.splits_dir}", f"data.forget_split={FORGET_REQUESTS}",
+                f"reports_dir={self.reports_dir}"]
+
+
+class RequestSplitsInfo(TypedDict):
+    """What :func:`request_splits` built (JSON-ready: it is also a Prefect task result)."""
+
+    dir: str
+    forget_set_hash: str
+    rows: int
+    honoured: list[str]
+
+
+# --------------------------------------------------------------------------- the request stages
+def intake(p: Params) -> list[str]:
+    """Inbox -> ledger; in-progress requests left by a crashed run go back to pending. Returns the pending ids.
+
+    A malformed inbox file is left in place and logged (``strict=False``): one bad
+    file must not block every later run.
+    """
+    from .. import stages
+    from .inbox import ingest_inbox
+
+    cfg = requests_settings(p)
+    full = stages.read_splits(p, ["full"])["full"]
+    with Ledger(cfg.url) as ledger:
+        ledger.recover_stale()
+        res = ingest_inbox(ledger, cfg.inbox, full, strict=False)
+        for e in res.errors:
+            log.warning("inbox: %s (file left in place)", e)
+        return [r.request_id for r in ledger.pending()]
+
+
+def request_splits(p: Params) -> RequestSplitsInfo:
+    """Forget set = union of every claimed and fulfilled request; write its TOFU-format splits under
+    :attr:`RequestPaths.splits_dir` and version them with DVC (when the project is a DVC repository).
+
+    Claimed (in progress) + already fulfilled: a later model keeps honouring earlier
+    requests, and a request arriving mid-run is not silently included without being claimed.
+    """
+    from .. import stages
+    from .forget_set import build_request_splits, forget_rows_for, forget_set_hash, write_request_splits
+
+    names = ["full", "real_authors", "world_facts", "retain_perturbed"]
+    splits = stages.read_splits(p, names)
+    perturbed = [r for n in ("forget01_perturbed", "forget05_perturbed", "forget10_perturbed", "retain_perturbed")
+                 for r in stages.read_splits(p, [n])[n]]
+    with Ledger(requests_settings(p).url) as ledger:
+        accepted = ledger.by_status("in_progress", "fulfilled")
+    rows = forget_rows_for(accepted, splits["full"])
+    fhash = forget_set_hash(rows)
+    out = RequestPaths(fhash).splits_dir
+    built = build_request_splits(splits["full"], rows, real_authors=splits["real_authors"],
+                                 world_facts=splits["world_facts"], retain_perturbed=splits["retain_perturbed"],
+                                 perturbed_rows=perturbed)
+    write_request_splits(built, out, request_ids=[r.request_id for r in accepted], forget_set_hash=fhash)
+    dvc_add(out)
+    return {"dir": str(out), "forget_set_hash": fhash, "rows": len(rows),
+            "honoured": sorted(r.request_id for r in accepted)}
+
+
+def dvc_add(path: Path) -> None:
+    """Version ``path`` with DVC (``dvc add``), when the working directory is a DVC repository (else a warning)."""
+    if not Path(".dvc").is_dir():
+        log.warning("not a DVC repository: %s is not versioned", path)
+        return
+    res = subprocess.run([sys.executable, "-m", "dvc", "add", str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc add {path} failed: {res.stderr.strip()[-2000:]}")
+
+
+def fault_point(stage: str) -> None:
+    """Kill this process (SIGKILL, no cleanup) if :data:`FAULT_ENV` names ``stage``: how the tests prove that a
+    crash mid-run leaves the claimed requests in_progress, never fulfilled."""
+    if os.environ.get(FAULT_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- how each stage runs
+class CycleSteps:
+    """How :func:`honour_requests` runs each stage: here, in this process (``unlearn request run``).
+
+    ``flows/pipelines.py`` subclasses it so that every step is a Prefect task
+    (training cached on its inputs, retries), without restating the sequence or the
+    ledger transitions. A stage method's ``extra`` are the overrides that point it at
+    the forget set (:meth:`RequestPaths.overrides`), applied after the run's own.
+    """
+
+    detail = "unlearn request run"
+    """Recorded in the ledger's events when the requests are claimed."""
+
+    def __init__(self, params_path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> None:
+        self.params_path = str(params_path)
+        self.overrides = list(overrides)
+
+    def params(self, extra: Sequence[str] = ()) -> Params:
+        return load_params(self.params_path, [*self.overrides, *extra])
+
+    def before_intake(self) -> None:
+        """The base pipeline's outputs must be there: the prepared data (requests are matched against it) and
+        the target model (what is unlearned). In-process they are ``dvc repro``'s, which knows when they are
+        stale; this checks, before any request is claimed, and says what to run."""
+        from .. import stages
+
+        p = self.params()
+        manifest = Path(p.data.out_dir) / "manifest.json"
+        if not manifest.exists():
+            raise FileNotFoundError(f"no prepared data at {p.data.out_dir} ({manifest} missing): run `dvc repro` "
+                                    "(or `unlearn prepare`) first")
+        target = stages.model_dir(p, "target")
+        if not (target / "config.json").exists():
+            raise FileNotFoundError(f"no target model at {target}: run `dvc repro finetune_target` "
+                                    "(or `unlearn finetune --role target`) first")
+
+    def target(self) -> str:
+        """The target model the forget set is unlearned from."""
+        from .. import stages
+
+        return str(stages.model_dir(self.params(), "target"))
+
+    def intake(self) -> list[str]:
+        return intake(self.params())
+
+    def request_splits(self) -> RequestSplitsInfo:
+        return request_splits(self.params())
+
+    def finetune(self, extra: Sequence[str], *, role: str, out_dir: str) -> dict[str, Any]:
+        from .. import stages
+
+        return stages.finetune(self.params(extra), role, out_dir)
+
+    def cache(self, extra: Sequence[str], *, target_dir: str) -> None:
+        from .. import stages
+
+        stages.build_cache(self.params(extra), target_dir)
+
+    def forget(self, extra: Sequence[str], *, out_dir: str, target_dir: str) -> dict[str, Any]:
+        from .. import stages
+
+        return stages.forget(self.params(extra), out_dir, target_dir)
+
+    def evaluate(self, extra: Sequence[str], *, model_path: str, name: str, retain_dir: str,
+                 target_dir: str) -> dict[str, Any]:
+        from .. import stages
+
+        return stages.evaluate(self.params(extra), model_path, name, retain_dir, target_dir).metrics
+
+    def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str]) -> dict[str, Any]:
+        from .. import stages
+
+        return stages.register(self.params(extra), model_path=model_path, request_ids=request_ids)
+
+
+# --------------------------------------------------------------------------- the cycle
+def honour_requests(steps: CycleSteps) -> dict[str, Any]:
+    """Pending deletion requests -> forget set -> unlearn -> evaluate -> gate -> register -> ledger updated.
+
+    Returns ``{"status": "idle", "pending": []}`` when nothing is pending, else
+    ``{"status": "fulfilled" | "gate_failed", "requests", "decision", "metrics", "forget_set"}``.
+    On an exception the claimed requests go back to pending with the reason and it is
+    re-raised (module docstring: crash safety).
+    """
+    steps.before_intake()
+    pending = steps.intake()
+    if not pending:
+        log.info("no pending deletion requests")
+        return {"status": "idle", "pending": []}
+    url = requests_settings(steps.params()).url
+    with Ledger(url) as ledger:
+        ledger.mark_in_progress(pending, detail=steps.detail)
+    try:
+        target = steps.target()
+        info = steps.request_splits()
+        paths = RequestPaths(info["forget_set_hash"])
+        extra = paths.overrides()
+        retain, unlearned = str(paths.retain_dir), str(paths.unlearned_dir)
+        steps.finetune(extra, role="retain", out_dir=retain)  # gold standard for this forget set
+        steps.cache(extra, target_dir=target)
+        fault_point("forget")
+        steps.forget(extra, out_dir=unlearned, target_dir=target)
+        metrics = {name: steps.evaluate(extra, model_path=model, name=name, retain_dir=retain, target_dir=target)
+                   for name, model in (("retain", retain), ("target", target), ("unlearned", unlearned))}
+        decision = steps.register(extra, model_path=unlearned, request_ids=info["honoured"])
+    except BaseException as e:
+        with Ledger(url) as ledger:
+            ledger.mark_failed(pending, f"{type(e).__name__}: {e}"[:2000])
+        raise
+    status = settle(url, pending, decision, info["forget_set_hash"])
+    log.info("requests %s: %s (model version %s)", ", ".join(pending), status, decision.get("version"))
+    return {"status": status, "requests": pending, "decision": decision, "metrics": metrics, "forget_set": info}
+
+
+def settle(ledger_url: str, request_ids: list[str], decision: dict[str, Any], forget_set_hash: str) -> str:
+    """The claimed requests after registration: ``fulfilled`` by the registered version if it passed the
+    gate, else back to ``pending`` with the gate's reasons (``gate_failed``)."""
+    with Ledger(ledger_url) as ledger:
+        if decision.get("passed") and decision.get("version") is not None:
+            ledger.mark_fulfilled(request_ids, model_name=decision.get("registered_model"),
+                                  model_version=str(decision["version"]), forget_set_hash=forget_set_hash)
+            return "fulfilled"
+        reasons = "; ".join(decision.get("reasons") or ["not registered"])
+        ledger.mark_failed(request_ids, f"gate failed: {reasons}")
+        return "gate_failed"

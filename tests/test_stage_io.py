@@ -1,0 +1,127 @@
+"""unlearn.stages.stage_io: the one declaration of what each stage reads and writes.
+
+It must agree with dvc.yaml (deps, outs/metrics/plots, params) for the default
+parameters, so the two cannot drift; and the Prefect cache key is built from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from unlearn import stages
+from unlearn.config import ModelCfg, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DVC_STAGES = {  # dvc.yaml stage -> the library stage and the keyword arguments its `cmd` passes
+    "prepare": ("prepare", {}),
+    "tokenizer": ("tokenizer", {}),
+    "validate": ("validate", {}),
+    "finetune_target": ("finetune", {"role": "target"}),
+    "finetune_retain": ("finetune", {"role": "retain"}),
+    "cache": ("cache", {}),
+    "forget": ("forget", {}),
+    "eval_retain": ("evaluate", {"model_path": "models/retain", "name": "retain"}),
+    "eval_target": ("evaluate", {"model_path": "models/target", "name": "target"}),
+    "eval_unlearned": ("evaluate", {"model_path": "models/unlearned", "name": "unlearned"}),
+    "register": ("register", {}),
+}
+
+
+def _paths(entries) -> set[str]:
+    """dvc.yaml outs/metrics/plots entries (a path, or {path: options}) -> their paths."""
+    out = set()
+    for e in entries or []:
+        out.update([e] if isinstance(e, str) else e.keys())
+    return out
+
+
+def _covers(dep: str, path: Path) -> bool:
+    """dvc.yaml dep ``dep`` covers ``path`` when it is that path or a directory above it."""
+    return path == Path(dep) or Path(dep) in path.parents
+
+
+@pytest.fixture(scope="module")
+def dvc() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_dvc_stage_is_declared(dvc):
+    assert set(dvc) == set(DVC_STAGES)
+    assert {stage for stage, _ in DVC_STAGES.values()} == set(stages.STAGES)
+
+
+@pytest.mark.parametrize("name", list(DVC_STAGES))
+def test_stage_io_agrees_with_dvc_yaml(dvc, name):
+    p = load_params(ROOT / "params.yaml")
+    stage, kwargs = DVC_STAGES[name]
+    io = stages.stage_io(stage, p, **kwargs)
+    spec = dvc[name]
+    outs = _paths(spec.get("outs")) | _paths(spec.get("metrics")) | _paths(spec.get("plots"))
+    assert {str(o) for o in io.outputs} == outs
+    deps = list(spec.get("deps") or [])
+    assert set(io.code) == {d for d in deps if d.startswith("src/")}
+    data_deps = [d for d in deps if not d.startswith("src/")]
+    declared = [*io.inputs, *io.after]
+    for path in declared:
+        assert any(_covers(d, path) for d in data_deps), f"{name}: {path} is not a dvc.yaml dep"
+    for d in data_deps:
+        assert any(_covers(d, path) for path in declared), f"{name}: dvc.yaml dep {d} is not declared"
+    assert set(io.params) == set(spec.get("params") or [])
+
+
+def test_stage_io_takes_keywords_only_by_name():
+    p = Params()
+    with pytest.raises(TypeError, match="roel"):
+        stages.stage_io("finetune", p, roel="target")
+    with pytest.raises(KeyError, match="unknown stage 'train'"):
+        stages.stage_io("train", p)
+    out = stages.stage_io("finetune", p, role="retain", out_dir="models/requests/abc/retain").outputs
+    assert out == [Path("models/requests/abc/retain"), Path("models/requests/abc/retain.reports/retain.json"),
+                   Path("models/requests/abc/retain.reports/retain_loss.json")]
+
+
+def _io(stage: str, p: Params, **kwargs):
+    io = stages.stage_io(stage, p, **kwargs)
+    return io.inputs, io.outputs
+
+
+def test_flow_cache_keys_cover_the_tokenizer(tmp_path):
+    p = Params(model=ModelCfg(out_dir=str(tmp_path / "models")))
+    tok_file = tmp_path / "models" / "tokenizer" / "tokenizer.json"
+    ins, outs = _io("tokenizer", p)
+    assert outs == [tmp_path / "models" / "tokenizer"]
+    ins, _ = _io("finetune", p, role="target")
+    assert tok_file in ins
+    real = Params(model=ModelCfg(out_dir=str(tmp_path / "models"), path="some/checkpoint"))
+    assert _io("tokenizer", real)[1] == []
+    assert tok_file not in _io("finetune", real, role="target")[0]
+    # the key follows the tokenizer's content
+    tok_file.parent.mkdir(parents=True)
+    tok_file.write_text('{"v": 1}')
+    before = stages.stage_key("finetune", p, role="target", out_dir=None)
+    tok_file.write_text('{"v": 2}')
+    assert stages.stage_key("finetune", p, role="target", out_dir=None) != before
+    src = (ROOT / "flows" / "pipelines.py").read_text()
+    for flow in ("def tofu_pipeline", "def requests_pipeline"):
+        body = src[src.index(flow):]
+        assert body.index("tokenizer_task") < body.index("validate_task(") < body.index("finetune_task"), flow
+
+
+def test_prefect_cache_key_is_the_library_stage_key(tmp_path):
+    pytest.importorskip("prefect")
+    spec = importlib.util.spec_from_file_location("flows_pipelines_under_test", ROOT / "flows" / "pipelines.py")
+    flows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flows)
+    assert {flows.tokenizer_task.fn: "tokenizer", flows.finetune_task.fn: "finetune",
+            flows.cache_task.fn: "cache"} == flows._STAGE_OF
+    params = tmp_path / "params.yaml"
+    params.write_text(f"model: {{out_dir: {tmp_path / 'models'}}}\n")
+    call = {"params_path": str(params), "overrides": ["seed=3"], "role": "retain", "out_dir": None}
+    want = stages.stage_key("finetune", load_params(params, ["seed=3"]), role="retain", out_dir=None)
+    assert flows.stage_cache_key("finetune")(None, call) == want
+    assert flows.stage_cache_key("finetune")(None, {**call, "role": "target"}) != want
