@@ -221,7 +221,7 @@ def warm_caches(args, variants) -> None:
             continue
         with_retain = stages._needs_retain_topk(p, needs) or p.cache.retain
         if with_retain not in done:
-            stages.build_cache(p, args.model, with_retain=with_retain)
+            stages.cache(p, args.model, with_retain=with_retain)
             done.add(with_retain)
 
 

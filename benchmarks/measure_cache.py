@@ -11,7 +11,7 @@ distribution-level loss and its gradient with respect to every model parameter
   the frozen reference (the target model), i.e. ``LiveReference(top_k=None)``;
 * cached: the top-K reference exactly as the trainer sees it, i.e.
   ``ReferenceCache.lookup`` on tensors from ``cache.reference_pass`` (for
-  ``K == cache.top_k`` the real on-disk cache from ``stages.build_cache``).
+  ``K == cache.top_k`` the real on-disk cache from ``stages.cache``).
 
 The losses go through the registry adapters, as in training: DiPO (``dipo_forget``
 with ``method.dipo``, mask topk and gold), UNDIAL (``undial`` with alpha = 0) and
@@ -59,7 +59,8 @@ def build_batches(p, tok, n_retain: int):
     from unlearn import stages
     from unlearn.models.formatting import collate, encode_many
 
-    forget_rows, retain_rows, _ = stages._forget_inputs(p)
+    inputs = stages.forget_inputs(p)
+    forget_rows, retain_rows = inputs.forget, inputs.retain
     retain_rows = retain_rows[:n_retain]
     L = p.model.max_length
     enc_f = encode_many(tok, [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows], L)
@@ -92,7 +93,7 @@ def cached_refs(p, args, tok, ref_model, forget_rows, retain_rows, batches, k: i
 
     L = p.model.max_length
     if k == p.cache.top_k:
-        forget = stages.build_cache(p, args.model, with_retain=False).forget  # the real on-disk cache
+        forget = stages.cache(p, args.model, with_retain=False).forget  # the real on-disk cache
     else:
         forget = reference_pass(ref_model, tok, [r["question"] for r in forget_rows],
                                 [r["answer"] for r in forget_rows], max_length=L, top_k=k)

@@ -47,7 +47,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     p = load_params(args.params)
     tok = load_tokenizer(args.model)
-    forget_rows, retain_rows, refusals = stages._forget_inputs(p)
+    inputs = stages.forget_inputs(p)
+    forget_rows, retain_rows, refusals = inputs.forget, inputs.retain, inputs.refusals
     L = p.model.max_length
     acc = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     policy = acc.prepare(load_model(args.model))

@@ -101,7 +101,7 @@ def tokenizer_task(params_path: str, overrides: list[str] | None) -> str | None:
     p = _p(params_path, overrides)
     if p.model.path:
         return None
-    return str(stages.build_tokenizer(p))
+    return str(stages.tokenizer(p))
 
 
 @task(name="validate")
@@ -116,9 +116,9 @@ def finetune_task(params_path: str, overrides: list[str] | None, role: str, out_
     return stages.finetune(_p(params_path, overrides), role, out_dir)
 
 
-@stage_task("cache", name="reference-cache", retries=1)
+@stage_task("cache", name="cache", retries=1)
 def cache_task(params_path: str, overrides: list[str] | None, target_dir: str | None = None) -> list[str]:
-    c = stages.build_cache(_p(params_path, overrides), target_dir)
+    c = stages.cache(_p(params_path, overrides), target_dir)
     return [str(x) for x in c.paths]
 
 

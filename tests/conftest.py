@@ -50,10 +50,10 @@ def tiny_project(tmp_path_factory) -> Path:
     try:
         p = load_params("params.yaml")
         stages.prepare(p)
-        stages.build_tokenizer(p)
+        stages.tokenizer(p)
         stages.finetune(p, "target")
         stages.finetune(p, "retain")
-        stages.build_cache(p)
+        stages.cache(p)
     finally:
         os.chdir(cwd)
     return root

@@ -277,17 +277,19 @@ def test_resolve_precision_follows_the_training_loop_rule(monkeypatch):
     assert C.resolve_precision() == (torch.device("cuda"), "no")
 
 
-def test_build_cache_passes_the_resolved_precision(monkeypatch, tmp_path):
+def test_cache_stage_passes_the_resolved_precision(monkeypatch, tmp_path):
     from unlearn import stages
     import unlearn.models.build as B
 
     seen = {}
-    monkeypatch.setattr(stages, "_forget_inputs", lambda p: (ROWS, RETAIN, IDK))
+    from unlearn.benchmark import ForgetInputs
+
+    monkeypatch.setattr(stages, "forget_inputs", lambda p: ForgetInputs(ROWS, RETAIN, IDK))
     monkeypatch.setattr(B, "load_tokenizer", lambda d: None)
     monkeypatch.setattr(C, "ensure_cache", lambda **kw: seen.update(kw))
-    stages.build_cache(Params(), tmp_path)
+    stages.cache(Params(), tmp_path)
     assert (seen["device"], seen["mixed_precision"]) == C.resolve_precision()
-    stages.build_cache(Params(), tmp_path, device="cpu", mixed_precision="bf16")
+    stages.cache(Params(), tmp_path, device="cpu", mixed_precision="bf16")
     assert (seen["device"], seen["mixed_precision"]) == (torch.device("cpu"), "bf16")
 
 

@@ -251,7 +251,7 @@ def test_same_result_whatever_the_launcher(tiny_project: Path, tmp_path: Path):
     # The evaluation metrics of the three models agree too.
     metrics = {}
     for name in runs:
-        res = subprocess.run([sys.executable, "-m", "unlearn.cli", "eval", str(tmp_path / name), "--name", name,
+        res = subprocess.run([sys.executable, "-m", "unlearn.cli", "evaluate", str(tmp_path / name), "--name", name,
                               "--out", str(tmp_path / f"eval_{name}")], capture_output=True, text=True,
                              cwd=tiny_project, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]

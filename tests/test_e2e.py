@@ -2,7 +2,7 @@
 
 synthetic data -> GX validation -> target/retain models -> reference cache -> DiPO -> TOFU evaluation
 -> gated MLflow registration. Then: a second `dvc repro` runs nothing, changing only an unlearning
-parameter re-runs only forget/eval_unlearned/register, and `dvc push`/`dvc pull` work offline.
+parameter re-runs only forget/evaluate_unlearned/register, and `dvc push`/`dvc pull` work offline.
 Slow (a few minutes on 2 cores): the models are really trained, with the project's own params.yaml.
 """
 
@@ -31,7 +31,7 @@ def _metrics(repo, name):
 
 def test_pipeline_ran_every_stage(repo):
     for stage in ("prepare", "validate", "tokenizer", "finetune_target", "finetune_retain", "cache", "forget",
-                  "eval_retain", "eval_target", "eval_unlearned", "register"):
+                  "evaluate_retain", "evaluate_target", "evaluate_unlearned", "register"):
         assert f"Running stage '{stage}'" in repo["first"], stage
     assert read_json(repo["dir"] / "reports" / "validation" / "result.json")["success"] is True
 
@@ -106,11 +106,11 @@ def test_dvc_push_and_pull_with_the_local_remote(repo):
 
 
 def test_unlearning_param_change_reruns_only_downstream_stages(repo):
-    """`dvc exp run -S method.name=npo`: a baseline comparison re-runs only forget, eval_unlearned, register."""
+    """`dvc exp run -S method.name=npo`: a baseline comparison re-runs only forget, evaluate_unlearned, register."""
     out = sh(["dvc", "exp", "run", "-S", "method.name=npo"], repo["dir"])
     text = out.stdout + out.stderr
     ran = {line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")}
-    assert ran == {"forget", "eval_unlearned", "register"}, text
+    assert ran == {"forget", "evaluate_unlearned", "register"}, text
     assert read_json(repo["dir"] / "reports" / "forget" / "summary.json")["method"] == "npo"
     shown = sh(["dvc", "exp", "show", "--json"], repo["dir"]).stdout
     assert "npo" in shown

@@ -25,9 +25,9 @@ DVC_STAGES = {  # dvc.yaml stage -> the library stage and the keyword arguments 
     "finetune_retain": ("finetune", {"role": "retain"}),
     "cache": ("cache", {}),
     "forget": ("forget", {}),
-    "eval_retain": ("evaluate", {"model_path": "models/retain", "name": "retain"}),
-    "eval_target": ("evaluate", {"model_path": "models/target", "name": "target"}),
-    "eval_unlearned": ("evaluate", {"model_path": "models/unlearned", "name": "unlearned"}),
+    "evaluate_retain": ("evaluate", {"model_path": "models/retain", "name": "retain"}),
+    "evaluate_target": ("evaluate", {"model_path": "models/target", "name": "target"}),
+    "evaluate_unlearned": ("evaluate", {"model_path": "models/unlearned", "name": "unlearned"}),
     "register": ("register", {}),
 }
 

@@ -132,7 +132,7 @@ def test_real_tofu_config_cuts_under_one_percent(shared_tofu_dir, tmp_path):
         f"data.local_dir={shared_tofu_dir}", f"data.out_dir={tmp_path / 'data'}", f"model.out_dir={tmp_path / 'm'}"])
     assert p.model.arch.max_position_embeddings >= p.model.max_length
     stages.prepare(p)
-    stages.build_tokenizer(p)
+    stages.tokenizer(p)
     tok, _ = stages.model_tokenizer(p)
     splits = stages.read_splits(p, gate_splits(p.data.forget_split))
     fields = {n: TRUNCATION_FIELDS[_kind(n)] for n in splits}

@@ -251,7 +251,9 @@ def test_cli_exit_code_and_report(bad_on_disk, tmp_path):
 def small_tok(clean):
     """A 300-token BPE trained on the synthetic corpus, as the tokenizer stage trains one."""
     from unlearn.models.build import train_tokenizer
-    from unlearn.stages import corpus_texts
+    from unlearn.benchmark import get_benchmark
+
+    corpus_texts = get_benchmark("tofu").corpus_texts
 
     splits, _, _ = clean
     return train_tokenizer(corpus_texts({k: v for k, v in splits.items() if k != "idk"}), 300)

@@ -82,7 +82,7 @@ def tokenizer(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     _setup()
     from . import stages
 
-    out = stages.build_tokenizer(_params(params, set_))
+    out = stages.tokenizer(_params(params, set_))
     typer.echo(f"tokenizer saved to {out}")
 
 
@@ -120,7 +120,7 @@ def cache(
     from . import stages
 
     p = _params(params, set_)
-    c = stages.build_cache(p, target, with_retain=True if retain else None)
+    c = stages.cache(p, target, with_retain=True if retain else None)
     for path in c.paths:
         typer.echo(f"reference cache: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -147,9 +147,9 @@ def forget(
         _print_table("unlearned model", list(s.items()))
 
 
-@app.command("eval")
+@app.command("evaluate")
 @friendly_errors
-def eval_(
+def evaluate(
     model: Annotated[Path, typer.Argument(help="model directory to evaluate (target, retain, unlearned, any HF dir)")],
     name: Annotated[Optional[str], typer.Option(help="report name (default: the directory name)")] = None,
     params: ParamsOpt = Path("params.yaml"),

@@ -208,7 +208,7 @@ class MethodCfg(OptimCfg):
 
 
 class CacheCfg(_Strict):
-    """``cache``: the content-addressed reference tensors of the target model (:func:`unlearn.stages.build_cache`)."""
+    """``cache``: the content-addressed reference tensors of the target model (:func:`unlearn.stages.cache`)."""
 
     dir: str = Field("cache", description="where the reference tensors are written (a DVC output)")
     top_k: int = Field(64, ge=1, description="reference log-probs kept per answer position (float16)")
@@ -279,6 +279,7 @@ _NULL_IS_EMPTY = ("gate", "tracking", "requests")
 class Params(_Strict):
     """The whole of ``params.yaml``. Stages take the sections they read (``p.method``, ``p.gate``...)."""
 
+    benchmark: Literal["tofu"] = Field("tofu", description="the benchmark whose data, metrics and gate the pipeline runs")
     seed: int = Field(0, description="seed of training order, initialisation and IdK answer choice")
     reports_dir: str = Field("reports", description="metrics, loss logs, evaluation reports (DVC metrics/plots)")
     data: DataCfg = Field(default_factory=DataCfg, description="where the QA rows come from and where the splits go")

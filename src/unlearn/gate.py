@@ -19,6 +19,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+@dataclass(frozen=True)
+class GateMetrics:
+    """Which metrics of a benchmark's ``metrics.json`` the two rules read (each benchmark names its own).
+
+    ``forget`` must reach ``gate.min_forget_quality``; ``utility`` must reach
+    ``gate.min_utility_ratio`` times the target model's value. TOFU's are the defaults.
+    """
+
+    forget: str = "forget_quality"
+    utility: str = "model_utility"
+
+
 DEFAULT_GATE: dict[str, float] = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
 """The thresholds used when ``params.yaml`` leaves a gate key out."""
 
@@ -50,7 +62,7 @@ class GateDecision:
 
 
 def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] | None,
-                  gate: Mapping[str, float] | None = None) -> GateDecision:
+                  gate: Mapping[str, float] | None = None, names: GateMetrics = GateMetrics()) -> GateDecision:
     """Pass iff forget_quality >= min_forget_quality and model_utility >= min_utility_ratio * target's.
 
     Every failed condition adds a reason; a None (or missing, or non-finite) metric fails with a reason.
@@ -58,29 +70,29 @@ def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] 
     """
     g = {**DEFAULT_GATE, **{k: float(v) for k, v in (gate or {}).items() if v is not None}}
     reasons = []
-    fq = as_float(metrics.get("forget_quality"))
+    fq = as_float(metrics.get(names.forget))
     if fq is None:
-        reasons.append("forget_quality is missing (None): cannot check the forget-quality gate")
+        reasons.append(f"{names.forget} is missing (None): cannot check the forget-quality gate")
     elif fq < g["min_forget_quality"]:
-        reasons.append(f"forget_quality {fq:.4g} < min_forget_quality {g['min_forget_quality']:.4g}")
-    mu = as_float(metrics.get("model_utility"))
-    tmu = as_float((target_metrics or {}).get("model_utility"))
+        reasons.append(f"{names.forget} {fq:.4g} < min_forget_quality {g['min_forget_quality']:.4g}")
+    mu = as_float(metrics.get(names.utility))
+    tmu = as_float((target_metrics or {}).get(names.utility))
     if mu is None:
-        reasons.append("model_utility is missing (None): cannot check the utility gate")
+        reasons.append(f"{names.utility} is missing (None): cannot check the utility gate")
     if tmu is None:
-        reasons.append("target model_utility is missing (None): cannot check the utility ratio")
+        reasons.append(f"target {names.utility} is missing (None): cannot check the utility ratio")
     if mu is not None and tmu is not None:
         need = g["min_utility_ratio"] * tmu
         if mu < need:
             ratio = mu / tmu if tmu else float("inf")
-            reasons.append(f"model_utility {mu:.4g} < {g['min_utility_ratio']:.4g} x target {tmu:.4g} = {need:.4g} "
+            reasons.append(f"{names.utility} {mu:.4g} < {g['min_utility_ratio']:.4g} x target {tmu:.4g} = {need:.4g} "
                            f"(ratio {ratio:.3f})")
     return GateDecision(passed=not reasons, reasons=reasons)
 
 
-def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any]) -> bool:
-    """The champion rule: forget_quality >= champion's AND model_utility >= champion's (a missing champion value loses)."""
-    for k in CHAMPION_METRICS:
+def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any], names: GateMetrics = GateMetrics()) -> bool:
+    """The champion rule: forget metric >= champion's AND utility >= champion's (a missing champion value loses)."""
+    for k in (names.forget, names.utility):
         a, b = as_float(new.get(k)), as_float(champion.get(k))
         if a is None:
             return False

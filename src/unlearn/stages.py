@@ -21,7 +21,13 @@ from .io import read_json, write_json
 
 log = logging.getLogger("unlearn")
 
-EVAL_SPLITS_GENERAL = ("real_authors", "world_facts")
+
+
+def benchmark_of(p: Params):
+    """The configured benchmark (``params.yaml``: ``benchmark``): its data, metrics and gate names."""
+    from .benchmark import get_benchmark
+
+    return get_benchmark(p.benchmark)
 
 
 # --------------------------------------------------------------------------- paths
@@ -39,11 +45,11 @@ def reports_dir(p: Params) -> Path:
 
 # --------------------------------------------------------------------------- data
 def prepare(p: Params) -> Path:
-    """Load the configured source (synthetic | local | hub), validate, write every split under ``data.out_dir``."""
-    from .data.loaders import load_from_config
+    """Load the benchmark's configured source (synthetic | local | hub), validate, write every split under
+    ``data.out_dir``."""
     from .data.splits import write_splits
 
-    splits = load_from_config(p.data)
+    splits = benchmark_of(p).load(p)
     out = Path(p.data.out_dir)
     write_splits(splits, out)
     log.info("wrote %d splits to %s", len(splits), out)
@@ -66,41 +72,15 @@ def read_splits(p: Params, names: list[str] | None = None) -> dict[str, list[dic
     return read_split_dir(out, names or [n for n in read_manifest(out) if n != IDK])
 
 
-def training_rows(p: Params, role: str) -> list[dict]:
-    """Target: every author row; retain: the retain split only. Plus the general-knowledge sets if configured."""
-    from .data.names import FULL, UTILITY_SPLITS
-
-    if role not in ("target", "retain"):
-        raise ValueError(f"role must be 'target' or 'retain', got {role!r}")
-    main = FULL if role == "target" else p.data.retain_split
-    names = [main] + (list(UTILITY_SPLITS) if p.finetune.include_general else [])
-    splits = read_splits(p, names)
-    return [r for n in names for r in splits[n]]
-
-
-def corpus_texts(splits: dict[str, list[dict]]) -> list[str]:
-    """Every string a model will see: questions, answers, paraphrases, perturbations."""
-    from .models.formatting import format_answer, format_prompt
-
-    texts = []
-    for rows in splits.values():
-        for r in rows:
-            texts.append(format_prompt(r["question"]) + format_answer(r["answer"]))
-            if r.get("paraphrased_answer"):
-                texts.append(r["paraphrased_answer"])
-            texts.extend(r.get("perturbed_answer") or [])
-    return texts
-
-
 # --------------------------------------------------------------------------- models
-def build_tokenizer(p: Params) -> Path:
+def tokenizer(p: Params) -> Path:
     """Train the BPE tokenizer on the corpus (from-scratch model only)."""
     from .models.build import train_tokenizer
 
     if p.model.path:
         raise ValueError("model.path is set: the tokenizer comes with that model, there is nothing to train")
     splits = read_splits(p)
-    tok = train_tokenizer(corpus_texts(splits), p.model.tokenizer.vocab_size)
+    tok = train_tokenizer(benchmark_of(p).corpus_texts(splits), p.model.tokenizer.vocab_size)
     out = tokenizer_dir(p)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
@@ -118,7 +98,7 @@ def base_model_and_tokenizer(p: Params):
     else:
         tdir = tokenizer_dir(p)
         if not (tdir / "tokenizer.json").exists():
-            build_tokenizer(p)
+            tokenizer(p)
         tok = load_tokenizer(tdir)
         model = build_model(p.model.arch, tok, p.seed)
     return model, tok
@@ -154,7 +134,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     default_out = model_dir(p, role)
     out = Path(out_dir) if out_dir else default_out
-    rows = training_rows(p, role)
+    rows = benchmark_of(p).training_rows(p, role)
     model, tok = base_model_and_tokenizer(p)
     enc = encode_many(tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
 
@@ -226,24 +206,13 @@ def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
     return "ref_retain_topk" in needs
 
 
-def _forget_inputs(p: Params) -> tuple[list[dict], list[dict], list[str]]:
-    """(forget rows, retain rows, IdK refusal strings) of the configured split directory.
-
-    The refusals are the directory's ``idk`` split where its manifest lists one
-    (the benchmark's), else the built-in ones (request split sets carry none).
-    """
-    from .data.names import IDK
-    from .data.splits import read_idk, read_manifest
-    from .data.synthetic import IDK_RESPONSES
-
-    forget, retain = p.data.forget_split, p.data.retain_split
-    splits = read_splits(p, [forget, retain])
-    out = Path(p.data.out_dir)
-    refusals = read_idk(out) if IDK in read_manifest(out) else list(IDK_RESPONSES)
-    return splits[forget], splits[retain], refusals
+def forget_inputs(p: Params):
+    """The benchmark's unlearning inputs (:class:`~unlearn.benchmark.ForgetInputs`: forget rows, retain rows,
+    refusals) for the configured forget split."""
+    return benchmark_of(p).forget_inputs(p)
 
 
-def build_cache(
+def cache(
     p: Params, target_dir: str | Path | None = None, with_retain: bool | None = None,
     device: torch.device | str | None = None, mixed_precision: str | None = None,
 ):
@@ -260,7 +229,8 @@ def build_cache(
     from .models.build import load_tokenizer
 
     target_dir = Path(target_dir or model_dir(p, "target"))
-    forget_rows, retain_rows, refusals = _forget_inputs(p)
+    inputs = forget_inputs(p)
+    forget_rows, retain_rows, refusals = inputs.forget, inputs.retain, inputs.refusals
     if with_retain is None:
         with_retain = p.cache.retain
     needed = _needs_retain_topk(p, get_method(p.method.name).needs_for(p.method))
@@ -308,7 +278,8 @@ def forget(
     out = Path(out_dir) if out_dir else default_out
     tok = load_tokenizer(target_dir)
     model = load_model(target_dir)
-    forget_rows, retain_rows, refusals = _forget_inputs(p)
+    inputs = forget_inputs(p)
+    forget_rows, retain_rows, refusals = inputs.forget, inputs.retain, inputs.refusals
     L = p.model.max_length
     enc_f = encode_many(tok, [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows], L)
     enc_r = encode_many(tok, [r["question"] for r in retain_rows], [r["answer"] for r in retain_rows], L)
@@ -317,11 +288,11 @@ def forget(
 
     needs = method.needs_for(m)
     needs_ref = bool(needs & REF_NEEDS)
-    cache = live = None
+    ref_cache = live = None
     if needs_ref and reference == "cache":
         with main_process_first():  # rank 0 builds a missing cache, the others then load it
             # The reference runs where and how the policy runs, so Delta/log-ratios are 0 at theta = ref.
-            cache = build_cache(p, target_dir, device=acc.device, mixed_precision=acc.mixed_precision)
+            ref_cache = cache(p, target_dir, device=acc.device, mixed_precision=acc.mixed_precision)
     elif needs_ref:
         live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k,
                              needs=needs, mixed_precision=acc.mixed_precision)
@@ -340,9 +311,9 @@ def forget(
                  "idk": collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)}
         if n_r:
             batch["retain"] = collate([enc_r[i] for i in r_idx], tok.pad_token_id)
-        if cache is not None:
+        if ref_cache is not None:
             rw = batch["retain"]["input_ids"].size(1) if n_r else 0
-            batch["ref"] = cache.lookup(idx, width, r_idx if cache.retain is not None else None, rw)
+            batch["ref"] = ref_cache.lookup(idx, width, r_idx if ref_cache.retain is not None else None, rw)
         return batch
 
     def step_loss(model, batch):
@@ -394,9 +365,6 @@ def summary_rows(p: Params) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- evaluation
-EVAL_NAMES = ("retain_perturbed", "real_authors", "world_facts")
-
-
 def eval_reference_dir(p: Params) -> Path:
     """Where the retain model's per-example forget truth ratios live: inside the retain model's eval output."""
     return reports_dir(p) / "eval" / "retain" / "reference"
@@ -406,23 +374,18 @@ def evaluate(
     p: Params, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
     target_dir: str | Path | None = None, out_dir: str | Path | None = None,
 ):
-    """TOFU-evaluate a saved model: metrics.json, per_example.jsonl and a report under reports/eval/<name>.
+    """Evaluate a saved model on the benchmark: metrics.json, per_example.jsonl and a report under
+    reports/eval/<name>.
 
     Evaluating ``unlearned`` also writes ``reports/eval/tradeoff.json``: forget
     quality vs model utility of target, retain and unlearned (a DVC plot).
     """
-    from .eval.runner import evaluate_dir
-
-    forget = f"{p.data.forget_split}_perturbed"
-    splits = read_splits(p, [forget, *EVAL_NAMES])
     retain_dir = Path(retain_dir) if retain_dir is not None else model_dir(p, "retain")
     target_dir = Path(target_dir) if target_dir is not None else model_dir(p, "target")
-    result = evaluate_dir(
-        model_path, splits=splits, forget_split=forget, max_length=p.model.max_length, cfg=p.eval,
-        retain_model_dir=retain_dir if retain_dir.exists() else None,
-        target_model_dir=target_dir if target_dir.exists() and Path(model_path) != target_dir else None,
-        out_dir=out_dir or reports_dir(p) / "eval" / name, title=f"TOFU evaluation: {name} ({forget})",
-        reference_dir=eval_reference_dir(p),
+    result = benchmark_of(p).evaluate(
+        p, model_path, name, retain_dir=retain_dir if retain_dir.exists() else None,
+        target_dir=target_dir if target_dir.exists() and Path(model_path) != target_dir else None,
+        out_dir=Path(out_dir) if out_dir else reports_dir(p) / "eval" / name, reference_dir=eval_reference_dir(p),
     )
     if name == "unlearned":
         write_tradeoff(p, {"unlearned": result.metrics})
@@ -458,10 +421,10 @@ def validate(p: Params) -> dict[str, Any]:
     at ``model.max_length`` (its ``truncation`` section; a warning when any is cut, not a
     failure). That is why the tokenizer stage runs before this one.
     """
-    from .data.validate import ValidationFailed, run_validation
+    from .data.validate import ValidationFailed
 
     tok, source = model_tokenizer(p)
-    report = run_validation(p, tokenizer=tok, tokenizer_source=source)
+    report = benchmark_of(p).validate(p, tok, source)
     if not report.success:
         raise ValidationFailed(report)
     return report.to_dict()
@@ -488,8 +451,8 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
     model_path = Path(model_path) if model_path else model_dir(p, "unlearned")
     eval_dir = rdir / "eval" / "unlearned"
     need = {
-        "unlearned-model metrics": (eval_dir / "metrics.json", "unlearn eval models/unlearned --name unlearned"),
-        "target-model metrics": (rdir / "eval" / "target" / "metrics.json", "unlearn eval models/target --name target"),
+        "unlearned-model metrics": (eval_dir / "metrics.json", "unlearn evaluate models/unlearned --name unlearned"),
+        "target-model metrics": (rdir / "eval" / "target" / "metrics.json", "unlearn evaluate models/target --name target"),
     }
     for what, (path, cmd) in need.items():
         if not path.exists():
@@ -640,20 +603,22 @@ def _tokenizer_input(p: Params) -> list[Path]:
 
 def _io_prepare(p: Params) -> StageIO:
     inputs = [Path(p.data.local_dir)] if p.data.source == "local" else []
-    return StageIO(inputs, [Path(p.data.out_dir)], _param_values(p, ["data"]), code=["src/unlearn/data"])
+    return StageIO(inputs, [Path(p.data.out_dir)], _param_values(p, ["benchmark", "data"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/data"])
 
 
 def _io_tokenizer(p: Params) -> StageIO:
     return StageIO([Path(p.data.out_dir)], [] if p.model.path else [tokenizer_dir(p)],
-                   _param_values(p, ["model.tokenizer"]), code=["src/unlearn/models/build.py"])
+                   _param_values(p, ["benchmark", "model.tokenizer"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/models/build.py"])
 
 
 def _io_validate(p: Params) -> StageIO:
     from .data.validate import result_path
 
     return StageIO([Path(p.data.out_dir), *_tokenizer_input(p)], [result_path(p)],
-                   _param_values(p, ["data.forget_split", "model.max_length", "model.path"]),
-                   code=["src/unlearn/data/validate.py", "src/unlearn/models/formatting.py",
+                   _param_values(p, ["benchmark", "data.forget_split", "model.max_length", "model.path"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/data/validate.py", "src/unlearn/models/formatting.py",
                          "src/unlearn/models/truncation.py"])
 
 
@@ -667,16 +632,19 @@ def _io_finetune(p: Params, *, role: str, out_dir: str | Path | None = None) -> 
     rdir = run_reports_dir(p, out, default, "finetune")
     return StageIO(
         [Path(p.data.out_dir), *_tokenizer_input(p)], [out, rdir / f"{role}.json", rdir / f"{role}_loss.json"],
-        _param_values(p, ["seed", "model.arch", "model.max_length", "model.path", "finetune", "data.forget_split"]),
-        code=["src/unlearn/models", "src/unlearn/train.py"], after=[result_path(p)],
+        _param_values(p, ["benchmark", "seed", "model.arch", "model.max_length", "model.path", "finetune",
+                          "data.forget_split"]),
+        code=["src/unlearn/benchmark", "src/unlearn/models", "src/unlearn/train.py"], after=[result_path(p)],
     )
 
 
 def _io_cache(p: Params, *, target_dir: str | Path | None = None) -> StageIO:
     target = Path(target_dir) if target_dir else model_dir(p, "target")
     return StageIO([Path(p.data.out_dir), target], [Path(p.cache.dir)],
-                   _param_values(p, ["seed", "model.max_length", "data.forget_split", "cache"]),
-                   code=["src/unlearn/cache.py", "src/unlearn/precision.py", "src/unlearn/models/formatting.py"])
+                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "cache"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/cache.py", "src/unlearn/precision.py",
+                         "src/unlearn/models/build.py", "src/unlearn/models/formatting.py",
+                         "src/unlearn/models/teacher_forced.py"])
 
 
 def _io_forget(p: Params, *, out_dir: str | Path | None = None, target_dir: str | Path | None = None,
@@ -685,10 +653,11 @@ def _io_forget(p: Params, *, out_dir: str | Path | None = None, target_dir: str 
     default = model_dir(p, "unlearned")
     out = Path(out_dir) if out_dir else default
     rdir = run_reports_dir(p, out, default, "forget")
-    cache = [Path(p.cache.dir)] if reference == "cache" else []  # live/exact: a reference forward instead
-    return StageIO([Path(p.data.out_dir), target, *cache], [out, rdir / "summary.json", rdir / "loss.json"],
-                   _param_values(p, ["seed", "model.max_length", "data.forget_split", "method", "cache"]),
-                   code=["src/unlearn/methods", "src/unlearn/train.py", "src/unlearn/models/formatting.py"])
+    cached = [Path(p.cache.dir)] if reference == "cache" else []  # live/exact: a reference forward instead
+    return StageIO([Path(p.data.out_dir), target, *cached], [out, rdir / "summary.json", rdir / "loss.json"],
+                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "method", "cache"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/methods", "src/unlearn/train.py",
+                         "src/unlearn/models/formatting.py"])
 
 
 def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
@@ -708,8 +677,8 @@ def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: st
         target = Path(target_dir) if target_dir is not None else model_dir(p, "target")
         inputs += [target, reports_dir(p) / "eval" / "target" / "metrics.json"]
         outputs.append(reports_dir(p) / "eval" / "tradeoff.json")
-    return StageIO(inputs, outputs, _param_values(p, ["eval", "model.max_length", "data.forget_split"]),
-                   code=["src/unlearn/eval"])
+    return StageIO(inputs, outputs, _param_values(p, ["benchmark", "eval", "model.max_length", "data.forget_split"]),
+                   code=["src/unlearn/benchmark", "src/unlearn/eval", "src/unlearn/models"])
 
 
 def _io_register(p: Params, *, model_path: str | Path | None = None) -> StageIO:
@@ -719,8 +688,8 @@ def _io_register(p: Params, *, model_path: str | Path | None = None) -> StageIO:
     return StageIO(
         [model, rdir / "eval" / "unlearned" / "metrics.json", rdir / "eval" / "target" / "metrics.json", loss,
          Path(p.data.out_dir) / "manifest.json"],
-        [rdir / "register" / "decision.json"], _param_values(p, ["gate", "tracking"]),
-        code=["src/unlearn/tracking.py", "src/unlearn/gate.py"],
+        [rdir / "register" / "decision.json"], _param_values(p, ["benchmark", "gate", "tracking"]),
+        code=["src/unlearn/benchmark", "src/unlearn/tracking.py", "src/unlearn/gate.py"],
     )
 
 

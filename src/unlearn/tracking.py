@@ -85,7 +85,7 @@ from typing import Any
 import yaml
 
 from .config import Params
-from .gate import CHAMPION_METRICS, DEFAULT_GATE, GateDecision, as_float, at_least_as_good, gate_decision
+from .gate import CHAMPION_METRICS, DEFAULT_GATE, GateDecision, GateMetrics, as_float, at_least_as_good, gate_decision
 from .io import read_json, stable_hash
 
 __all__ = [  # the gate is re-exported: callers and tests written against tracking keep working
@@ -134,6 +134,13 @@ def tracking_config(p: Params, project_dir: str | Path | None = None) -> Trackin
     if "://" not in art:
         art = str((project / art).absolute())
     return TrackingCfg(uri=uri, experiment=t.experiment, registered_model=t.registered_model, artifact_location=art)
+
+
+def gate_metrics(p: Params) -> GateMetrics:
+    """The metric names the gate and the champion rule read: the configured benchmark's."""
+    from .benchmark import get_benchmark
+
+    return get_benchmark(p.benchmark).gate_metrics
 
 
 def gate_config(p: Params) -> dict[str, float]:
@@ -357,7 +364,8 @@ def log_unlearning_run(
             f = as_float(v)
             if f is not None:
                 ms.append(Metric(TARGET_PREFIX + k, f, now, 0))
-        mu, tmu = as_float(run.metrics.get("model_utility")), as_float((run.target_metrics or {}).get("model_utility"))
+        util = gate_metrics(p).utility
+        mu, tmu = as_float(run.metrics.get(util)), as_float((run.target_metrics or {}).get(util))
         if mu is not None and tmu:
             ms.append(Metric("utility_ratio", mu / tmu, now, 0))
         for i, entry in enumerate(run.loss_log or []):
@@ -496,7 +504,8 @@ def _ensure_registered_model(client, name: str):
             return client.get_registered_model(name)
 
 
-def register_version(client, name: str, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, Any]) -> Registration:
+def register_version(client, name: str, run_id: str, tags: Mapping[str, str], metrics: Mapping[str, Any],
+                     names: GateMetrics = GateMetrics()) -> Registration:
     """Create a version from ``runs:/<run_id>/model`` with all its tags, and assign champion/challenger aliases.
 
     The role is decided first (the champion rule against the current champion of the same
@@ -507,7 +516,7 @@ def register_version(client, name: str, run_id: str, tags: Mapping[str, str], me
     fhash = tags["forget_set_hash"]
     vtags = dict(tags)
     vtags["run_id"] = run_id
-    for k in CHAMPION_METRICS:
+    for k in (names.forget, names.utility):
         vtags[k] = _tag_value(as_float(metrics.get(k)))
 
     champ_alias, chall_alias = alias_names(fhash)
@@ -516,7 +525,7 @@ def register_version(client, name: str, run_id: str, tags: Mapping[str, str], me
         # an 8-hex-digit prefix collision: fall back to the full-hash tag
         log.warning("alias %s points at version %s of another forget set; ignoring it", champ_alias, current.version)
         current = None
-    if current is None or at_least_as_good(vtags, current.tags):
+    if current is None or at_least_as_good(vtags, current.tags, names):
         role, alias = CHAMPION, champ_alias
         displaced = str(current.version) if current is not None else None
     else:
@@ -558,7 +567,7 @@ def register_if_passing(
     """
     cfg = cfg or tracking_config(p)
     client = client or client_for(cfg)
-    decision = gate_decision(run.metrics, run.target_metrics, gate_config(p))
+    decision = gate_decision(run.metrics, run.target_metrics, gate_config(p), gate_metrics(p))
     tags = run_tags(p, run)
     run_id = log_unlearning_run(p, run, tags=tags, decision=decision, cfg=cfg, client=client)
     fhash = tags["forget_set_hash"]
@@ -566,7 +575,8 @@ def register_if_passing(
         log.warning("gate failed, not registering: %s", "; ".join(decision.reasons))
         return Registration(passed=False, reasons=decision.reasons, run_id=run_id, registered_model=cfg.registered_model,
                             forget_set_hash=fhash)
-    reg = register_version(client, cfg.registered_model, run_id, version_tags(p, tags, extra_version_tags), run.metrics)
+    reg = register_version(client, cfg.registered_model, run_id, version_tags(p, tags, extra_version_tags), run.metrics,
+                           gate_metrics(p))
     client.set_tag(run_id, "registered_version", reg.version)
     client.set_tag(run_id, "registered_alias", reg.alias)
     if audit_page is not None:

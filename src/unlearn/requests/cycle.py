@@ -215,7 +215,7 @@ class CycleSteps:
     def cache(self, extra: Sequence[str], *, target_dir: str) -> None:
         from .. import stages
 
-        stages.build_cache(self.params(extra), target_dir)
+        stages.cache(self.params(extra), target_dir)
 
     def forget(self, extra: Sequence[str], *, out_dir: str, target_dir: str) -> dict[str, Any]:
         from .. import stages
