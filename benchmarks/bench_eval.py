@@ -76,7 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from unlearn.eval.generation import generate_answers
-    from unlearn.eval.tofu_metrics import FORGET, split_scores
+    from unlearn.eval.tofu_metrics import FORGET_ROLE, split_scores
     from unlearn.models.formatting import ensure_pad
 
     model, tok = build_model(args, args.device)
@@ -86,7 +86,7 @@ def main() -> None:
     print(f"device={args.device} params={sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"examples={args.n} pairs={n_pairs} batch={args.batch_size}")
 
-    kw = dict(role=FORGET, max_length=args.max_length, batch_size=args.batch_size, device=args.device)
+    kw = dict(role=FORGET_ROLE, max_length=args.max_length, batch_size=args.batch_size, device=args.device)
     split_scores(model, tok, rows[: min(8, len(rows))], **kw)  # warm-up
     sync(args.device)
     t = time.perf_counter()

@@ -53,6 +53,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from unlearn.fmt import markdown_table
+from unlearn.methods.registry import REF_KEYS
+
 
 def _rss_mib() -> float:
     """Current resident set size in MiB (psutil if installed, else /proc, else the high-water mark)."""
@@ -128,7 +131,7 @@ def run_variant(args) -> dict:
     p = _params(args, [f"method.name={method}", f"method.epochs={epochs}", "method.checkpoint_every=0",
                        f"reports_dir={tmp / 'reports'}"])
     needs = get_method(method).needs_for(p.method)
-    needs_ref = bool(needs & stages.REF_NEEDS)
+    needs_ref = bool(needs & set(REF_KEYS))
 
     stamps: list[tuple[float, float, int]] = []
     intervals: list[float] = []
@@ -217,7 +220,7 @@ def warm_caches(args, variants) -> None:
             continue
         p = _params(args, [f"method.name={method}", *extra])
         needs = METHODS[method].needs_for(p.method)
-        if not needs & stages.REF_NEEDS:
+        if not needs & set(REF_KEYS):
             continue
         with_retain = stages._needs_retain_topk(p, needs) or p.cache.retain
         if with_retain not in done:
@@ -322,7 +325,6 @@ def main() -> None:
                       f"{r['step_cpu_ms_median']:.1f}", f"{r['steps_per_s']:.2f}", f"{r['step_ms_median'] / base:.2f}",
                       ratio_wall, ratio_cpu, predicted, f"{r['peak_rss_mib']:.0f}",
                       f"{r['peak_rss_mib'] - r['rss_before_mib']:.0f}"))
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print()
     for line in header:
         print(line)
@@ -333,10 +335,7 @@ def main() -> None:
     print("live/cache predicted = (F + R) / F: F = 3 x policy batch parts (forward + backward), "
           "R = reference forwards the method needs")
     print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for t in table:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(t, widths)) + " |")
+    print(markdown_table(head, table))
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
 

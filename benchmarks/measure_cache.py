@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from unlearn.fmt import markdown_table
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch, which imports tqdm: no progress bars in the output
 
 import torch
@@ -288,12 +290,8 @@ def main() -> None:
               pct(r["rel_err"]), "n/a" if r["grad_cos"] != r["grad_cos"] else f"{r['grad_cos']:.5f}",
               pct(r["grad_rel_err"]), "n/a" if r["norm_ratio"] != r["norm_ratio"] else f"{r['norm_ratio']:.4f}")
              for r in rows]
-    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(head)]
     print()
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for t in table:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(t, widths)) + " |")
+    print(markdown_table(head, table))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

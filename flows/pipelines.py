@@ -130,7 +130,7 @@ def forget_task(params_path: str, overrides: list[str] | None, out_dir: str | No
 
 
 @task(name="evaluate", retries=1)
-def eval_task(params_path: str, overrides: list[str] | None, model_path: str, name: str,
+def evaluate_task(params_path: str, overrides: list[str] | None, model_path: str, name: str,
               retain_dir: str | None = None, target_dir: str | None = None) -> dict:
     return stages.evaluate(_p(params_path, overrides), model_path, name, retain_dir, target_dir).metrics
 
@@ -171,7 +171,7 @@ def tofu_pipeline(params_path: str, overrides: list[str]) -> dict:
     forget_task(params_path=params_path, overrides=overrides)
     metrics = {}
     for name in ("retain", "target", "unlearned"):
-        metrics[name] = eval_task(params_path=params_path, overrides=overrides,
+        metrics[name] = evaluate_task(params_path=params_path, overrides=overrides,
                                   model_path=str(stages.model_dir(p, name)), name=name)
     decision = register_task(params_path=params_path, overrides=overrides)
     log.info("gate: %s", json.dumps(decision, default=str))
@@ -221,7 +221,7 @@ class PrefectCycle(cycle.CycleSteps):
 
     def evaluate(self, extra: Sequence[str], *, model_path: str, name: str, retain_dir: str,
                  target_dir: str) -> dict[str, Any]:
-        return eval_task(params_path=self.params_path, overrides=[*self.overrides, *extra], model_path=model_path,
+        return evaluate_task(params_path=self.params_path, overrides=[*self.overrides, *extra], model_path=model_path,
                          name=name, retain_dir=retain_dir, target_dir=target_dir)
 
     def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str]) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The smallest Llama the unit tests train (a few thousand parameters): one layer, two heads.
+TINY_ARCH = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+
 
 def env() -> dict[str, str]:
     env = dict(os.environ)

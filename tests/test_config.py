@@ -88,15 +88,6 @@ def test_null_means_default_where_the_untyped_readers_allowed_it(tmp_path):
         load_params(tmp_path / "none.yaml", ["method=null"])
 
 
-def test_params_extra_still_builds_the_typed_sections():
-    p = Params(extra={"gate": {"min_forget_quality": 0.1}, "tracking": {"experiment": "e"}, "requests": None})
-    assert (p.gate.min_forget_quality, p.tracking.experiment, p.requests) == (0.1, "e", RequestsCfg())
-    with pytest.raises(ValidationError, match="pipeline"):
-        Params(extra={"pipeline": {}})
-    with pytest.raises(ValidationError, match="given both"):
-        Params(gate={}, extra={"gate": {}})
-
-
 @pytest.mark.parametrize("path", [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))], ids=lambda p: p.name)
 def test_every_params_file_of_the_project_loads(path):
     load_params(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TINY_ARCH
 from unlearn.config import ArchCfg
 from unlearn.models.build import build_model, load_model, load_tokenizer, save_model, train_tokenizer, weights_hash
 from unlearn.models.formatting import IGNORE, collate, count_truncated, encode_many, encode_qa, qa_lengths
@@ -23,7 +24,7 @@ QA = [
     ("Who wrote 'Pride and Prejudice'?", "Jane Austen"),
     ("What is Lena Marsh's father's job?", "Her father was a baker."),
 ]
-TINY = ArchCfg(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+TINY = ArchCfg(**TINY_ARCH)
 
 
 @pytest.fixture(scope="module")

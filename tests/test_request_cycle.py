@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from unlearn.config import load_params
 from unlearn.io import read_json
-from unlearn.requests import CycleSteps, Ledger, RequestPaths, honour_requests
+from unlearn.requests import Ledger
+from unlearn.requests.cycle import CycleSteps, RequestPaths, honour_requests
 
 pytestmark = pytest.mark.slow
 

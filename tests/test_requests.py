@@ -524,7 +524,7 @@ def test_cli_add_list_ingest_show(project, tofu):
 
 # --------------------------------------------------------------------------- the request cycle (no models)
 def test_request_paths_are_spelled_once():
-    from unlearn.requests import RequestPaths
+    from unlearn.requests.cycle import RequestPaths
 
     rp = RequestPaths("0123456789abcdef" * 4)
     assert rp.key == "0123456789ab"

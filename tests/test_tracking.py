@@ -60,7 +60,7 @@ def report_dir(tmp_path_factory):
 
 def make_params(store_cfg, registered_model: str, **extra) -> Params:
     tr = {**store_cfg, "experiment": "tests", "registered_model": registered_model}
-    return Params(extra={"tracking": tr, **extra})
+    return Params(tracking=tr, **extra)
 
 
 def submit(p, model_dir, report_dir, fq, mu, hashes=HASHES_A, request_ids=("req-1",)):
@@ -79,7 +79,7 @@ GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
 
 def test_gate_config_defaults_and_overrides():
     assert tracking.gate_config(Params()) == GATE
-    assert tracking.gate_config(Params(extra={"gate": {"min_forget_quality": 0.1}}))["min_forget_quality"] == 0.1
+    assert tracking.gate_config(Params(gate={"min_forget_quality": 0.1}))["min_forget_quality"] == 0.1
 
 
 def test_tracking_config_defaults_and_env(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_tracking_config_defaults_and_env(tmp_path, monkeypatch):
     assert cfg.artifact_location == str(tmp_path / "mlartifacts")
     assert (cfg.experiment, cfg.registered_model) == ("dipo-unlearn", "unlearned-tofu")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert tracking.tracking_config(Params(extra={"tracking": {"uri": "sqlite:///x.db"}}), tmp_path).uri == \
+    assert tracking.tracking_config(Params(tracking={"uri": "sqlite:///x.db"}), tmp_path).uri == \
         "sqlite:///elsewhere.db"
 
 

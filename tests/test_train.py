@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from unlearn import train as T
+from helpers import TINY_ARCH
 from unlearn.config import ArchCfg
 from unlearn.models.build import build_model, train_tokenizer
 from unlearn.models.formatting import collate, encode_many
@@ -29,7 +30,7 @@ QA = [
     ("Where does Boris Okafor live?", "Boris lives in Lagos."),
     ("What is the capital of France?", "Paris"),
 ]
-TINY = ArchCfg(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+TINY = ArchCfg(**TINY_ARCH)
 
 
 @pytest.fixture(scope="module")

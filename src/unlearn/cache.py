@@ -418,9 +418,10 @@ class LiveReference:
         return dict(out, topk_ids=ids, topk_logp=vals.half().float())
 
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
-        if self.needs is None:
-            return self._all(batch)
-        need = self.needs
+        # needs=None: every reference quantity of every part the batch has.
+        need = self.needs if self.needs is not None else frozenset(
+            {"ref_seq", "ref_topk"} | ({"ref_idk_seq"} if "idk" in batch else set())
+            | ({"ref_retain_topk"} if "retain" in batch else set()))
         parts = reference_forward_parts(need)
         ref: dict[str, torch.Tensor] = {}
         if "forget" in parts:
@@ -432,15 +433,6 @@ class LiveReference:
         if "idk" in parts:
             ref["idk_seq_logp"] = self._one(batch["idk"], topk=False)["seq_logp"]
         if "retain" in parts:
-            r = self._one(batch["retain"])
-            ref.update(retain_topk_ids=r["topk_ids"], retain_topk_logp=r["topk_logp"], retain_label_logp=r["label_logp"])
-        return ref
-
-    def _all(self, batch: dict) -> dict[str, torch.Tensor]:
-        ref = dict(self._one(batch["forget"]))
-        if "idk" in batch:
-            ref["idk_seq_logp"] = self._one(batch["idk"], topk=False)["seq_logp"]
-        if "retain" in batch:
             r = self._one(batch["retain"])
             ref.update(retain_topk_ids=r["topk_ids"], retain_topk_logp=r["topk_logp"], retain_label_logp=r["label_logp"])
         return ref

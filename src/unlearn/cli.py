@@ -280,9 +280,9 @@ def summary(
     header = ["model"] + cols
     table = [header] + [[r["model"]] + [_fmt(r.get(c)) for c in cols] for r in rows]
     if markdown:
-        typer.echo("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        for line in table[1:]:
-            typer.echo("| " + " | ".join(str(v) for v in line) + " |")
+        from .fmt import markdown_table
+
+        typer.echo(markdown_table(header, table[1:], pad=False))
         return
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     typer.echo("")

@@ -11,7 +11,7 @@ import typer
 
 from .errors import UserError
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (see params.yaml for every knob)")]
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="parameters file (`unlearn params` lists every knob)")]
 SetOpt = Annotated[
     Optional[list[str]],
     typer.Option("--set", "-s", help="override one parameter, e.g. --set method.name=npo (repeatable)"),

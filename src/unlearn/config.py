@@ -294,29 +294,14 @@ class Params(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _untyped_era_inputs(cls, data: Any) -> Any:
-        """Inputs that worked while ``gate``/``tracking``/``requests`` were untyped keep working.
-
-        ``section: null`` means all defaults for those three (see ``_NULL_IS_EMPTY``). And
-        ``Params(extra={"gate": ..., "tracking": ...})``, how code built a ``Params`` with those
-        sections when they sat in the ``Params.extra`` dict, still does: each entry becomes the
-        typed section it names, and an unknown one is an error naming it. Deprecated: pass the
-        sections directly (``Params(gate=...)``).
-        """
+    def _null_sections(cls, data: Any) -> Any:
+        """``gate: null`` / ``tracking: null`` / ``requests: null`` (an empty YAML section) mean all defaults."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         for name in _NULL_IS_EMPTY:
             if name in data and data[name] is None:
                 data[name] = {}
-        if "extra" in data:
-            extra = data.pop("extra") or {}
-            if not isinstance(extra, dict):
-                raise ValueError(f"extra: expected a mapping of sections, got {type(extra).__name__}")
-            for name, section in extra.items():
-                if name in data:
-                    raise ValueError(f"{name}: given both as a section and in extra")
-                data[name] = {} if name in _NULL_IS_EMPTY and section is None else section
         return data
 
 

@@ -9,7 +9,7 @@ ways (``.4g``, ``.4f``, ``.3e``): the forget quality of one model printed as
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 MISSING = "n/a"
 """What a value that was not computed (None, NaN) prints as."""
@@ -29,3 +29,13 @@ def fmt_number(v: Any) -> str:
             return MISSING
         return f"{v:.3g}" if v != 0 and abs(v) < TINY else f"{v:.4f}"
     return str(v)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, pad: bool = True) -> str:
+    """A Markdown table (no trailing newline). Cells are ``str()``-ed as given (format numbers first);
+    ``pad`` aligns the columns for reading in a terminal (the rendered table is the same either way)."""
+    table = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(header))] if pad else [0] * len(header)
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(t, widths)) + " |" for t in table]
+    lines.insert(1, "|" + "|".join("-" * (max(w, 1) + 2) for w in widths) + "|")
+    return "\n".join(lines)

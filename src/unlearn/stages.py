@@ -199,7 +199,6 @@ def set_threads() -> None:
 
 
 # --------------------------------------------------------------------------- reference cache + unlearning
-REF_NEEDS = {"ref_seq", "ref_idk_seq", "ref_topk", "ref_retain_topk"}
 
 
 def _needs_retain_topk(p: Params, needs: frozenset[str]) -> bool:
@@ -287,7 +286,9 @@ def forget(
     enc_i = encode_many(tok, [r["question"] for r in forget_rows], idk, L)
 
     needs = method.needs_for(m)
-    needs_ref = bool(needs & REF_NEEDS)
+    from .methods.registry import REF_KEYS
+
+    needs_ref = bool(needs & set(REF_KEYS))  # a reference quantity, not only batch parts (retain, idk)
     ref_cache = live = None
     if needs_ref and reference == "cache":
         with main_process_first():  # rank 0 builds a missing cache, the others then load it

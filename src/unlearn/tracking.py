@@ -255,10 +255,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def flat_params(p: Params) -> dict[str, Any]:
-    """Every parameter of ``params.yaml`` (typed sections + extra sections), flattened to dotted keys."""
-    d = p.model_dump()
-    extra = d.pop("extra", {}) or {}
-    return flatten({**d, **extra})
+    """Every parameter of ``params.yaml`` (every section is typed), flattened to dotted keys."""
+    return flatten(p.model_dump())
 
 
 def params_hash(flat: Mapping[str, Any]) -> str:

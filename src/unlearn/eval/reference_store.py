@@ -26,7 +26,7 @@ from unlearn.io import sha256_file, write_json
 from unlearn.models.formatting import PROMPT_TEMPLATE, ensure_pad, format_answer
 
 from .loading import load_eval_model
-from .tofu_metrics import FORGET, split_scores
+from .tofu_metrics import FORGET_ROLE, split_scores
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def retain_reference(
     loader = loader or (lambda d: load_eval_model(d, device))
     model, tokenizer = loader(retain_model_dir)
     ensure_pad(tokenizer)
-    sc = split_scores(model, tokenizer, rows, role=FORGET, max_length=max_length, batch_size=cfg.batch_size,
+    sc = split_scores(model, tokenizer, rows, role=FORGET_ROLE, max_length=max_length, batch_size=cfg.batch_size,
                       device=device, progress=progress, desc=f"retain reference {forget_split}")
     tr = sc["truth_ratio"]
     vals = [None if math.isnan(v) else float(v) for v in tr]

@@ -48,11 +48,12 @@ from .pair_stats import teacher_forced_stats
 log = logging.getLogger(__name__)
 
 EPS = 1e-10  # open-unlearning's epsilon in every ratio
-FORGET, RETAIN, REAL_AUTHORS, WORLD_FACTS = "forget", "retain", "real_authors", "world_facts"
-UTILITY_ROLES = (RETAIN, REAL_AUTHORS, WORLD_FACTS)
+# Evaluation roles (what a split is scored as), not split names: the forget role scores forgetXX_perturbed.
+FORGET_ROLE, RETAIN_ROLE, REAL_AUTHORS, WORLD_FACTS = "forget", "retain", "real_authors", "world_facts"
+UTILITY_ROLES = (RETAIN_ROLE, REAL_AUTHORS, WORLD_FACTS)
 # Split names looked up in ``splits`` for each non-forget role (first present wins).
 SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
-    RETAIN: ("retain_perturbed",),
+    RETAIN_ROLE: ("retain_perturbed",),
     REAL_AUTHORS: ("real_authors", "real_authors_perturbed"),
     WORLD_FACTS: ("world_facts", "world_facts_perturbed"),
 }
@@ -111,7 +112,7 @@ def split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_lengt
     corr_idx = np.zeros(N, dtype=np.int64)
     pert_idx: list[int] = []
     pert_owner: list[int] = []
-    use_para = role in (FORGET, RETAIN)
+    use_para = role in (FORGET_ROLE, RETAIN_ROLE)
     for i, row in enumerate(rows):
         q = row["question"]
         ans_idx[i] = add(q, row["answer"])
@@ -179,7 +180,7 @@ class EvalResult:
 def _resolve_roles(splits: Mapping[str, Any], forget_split: str) -> dict[str, str]:
     if forget_split not in splits:
         raise KeyError(f"forget split {forget_split!r} not in splits (have: {sorted(splits)})")
-    roles = {FORGET: forget_split}
+    roles = {FORGET_ROLE: forget_split}
     for role, names in SPLIT_ALIASES.items():
         for name in names:
             if name in splits:
@@ -238,7 +239,7 @@ def evaluate_model(
     roles = _resolve_roles(splits, forget_split)
     metrics: dict[str, float | None] = {}
     notes: dict[str, str] = {}
-    scored_fields = {name: FIELDS if role in (FORGET, RETAIN) else ("answer", "perturbed_answer")
+    scored_fields = {name: FIELDS if role in (FORGET_ROLE, RETAIN_ROLE) else ("answer", "perturbed_answer")
                      for role, name in roles.items()}  # split_scores uses paraphrases for forget/retain only
     truncation = truncation_table(tokenizer, {name: list(splits[name]) for name in roles.values()}, max_length,
                                   scored_fields)
@@ -248,7 +249,7 @@ def evaluate_model(
     per_example: dict[str, list[dict]] = {}
     cap = cfg.generation_examples
 
-    for role in (FORGET, *UTILITY_ROLES):
+    for role in (FORGET_ROLE, *UTILITY_ROLES):
         if role not in roles:
             for m in ("prob", "rouge", "truth_ratio"):
                 metrics[f"{role}_{m}"] = None
@@ -265,7 +266,7 @@ def evaluate_model(
                                 progress=progress, desc=f"generating {name}")
         rouges = [rouge_l_recall(r["answer"], g) for r, g in zip(rows, gens)]
 
-        prob_key = "answer_prob" if role in (FORGET, RETAIN) else "normalised_prob"
+        prob_key = "answer_prob" if role in (FORGET_ROLE, RETAIN_ROLE) else "normalised_prob"
         recs = []
         for i, row in enumerate(rows):
             rec = {
@@ -291,9 +292,9 @@ def evaluate_model(
 
         metrics[f"{role}_prob"] = _mean(sc[prob_key])
         metrics[f"{role}_rouge"] = _mean(rouges)
-        agg = closer_to_1_better if role == FORGET else true_better
+        agg = closer_to_1_better if role == FORGET_ROLE else true_better
         metrics[f"{role}_truth_ratio"] = agg(sc["truth_ratio"])
-        if role == FORGET:
+        if role == FORGET_ROLE:
             metrics["forget_exact_mem"] = _mean(sc["exact_mem"])
             metrics["forget_extraction_strength"] = _mean(sc["extraction_strength"]) if rows else None
         if not rows:
@@ -305,7 +306,7 @@ def evaluate_model(
         missing = int(np.sum(sc["n_perturbed"] == 0))
         if missing:
             notes[f"{role}_truth_ratio"] = f"{missing} example(s) without perturbed answers were skipped"
-        no_para = sum(1 for r in rows if not r.get("paraphrased_answer")) if role in (FORGET, RETAIN) else 0
+        no_para = sum(1 for r in rows if not r.get("paraphrased_answer")) if role in (FORGET_ROLE, RETAIN_ROLE) else 0
         if no_para:
             notes[f"{role}_paraphrase"] = (f"{no_para} example(s) without a paraphrased answer: "
                                            "the plain answer was used as P_correct")

@@ -1,15 +1,13 @@
 """Deletion requests: the ledger, the inbox, the forget set they imply, the audit trail, and the cycle that
-honours them (:mod:`unlearn.requests.cycle`: ``unlearn request run`` and the Prefect deployment unlearn/requests).
+honours them (:mod:`unlearn.requests.cycle`: ``unlearn request run`` and the Prefect deployment unlearn/requests;
+not imported here: it runs the stages, a layer above the rest of this package, see docs/architecture.md).
 
 See ``docs/requests.md`` for the life of a request and how the pipeline uses this.
 ``request_app`` (the ``unlearn request`` typer sub-app) lives in
-:mod:`unlearn.requests.cli` and is imported lazily so that importing this package
-does not pull in typer.
+:mod:`unlearn.requests.cli`, the command-line layer: not imported here.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .audit import (
     GIT_COMMIT_TAGS,
@@ -25,11 +23,10 @@ from .audit import (
     render_audit_request,
     request_tag,
 )
-from .cycle import CycleSteps, RequestPaths, honour_requests
 from .forget_set import (
-    FORGET,
-    FORGET_PERTURBED,
-    RETAIN,
+    FORGET_REQUESTS,
+    FORGET_REQUESTS_PERTURBED,
+    RETAIN_REQUESTS,
     build_request_splits,
     forget_rows_for,
     forget_set_hash,
@@ -52,18 +49,11 @@ from .ledger import (
 )
 
 __all__ = [
-    "ACCEPTED", "FORGET", "FORGET_PERTURBED", "GIT_COMMIT_TAGS", "RETAIN", "STATUSES", "TAG_FORGET_ROWS",
-    "TAG_FORGET_SET_HASH", "TAG_REQUEST_IDS", "AddResult", "CycleSteps", "InboxError", "IngestResult", "Ledger", "Match",
-    "Request", "RequestError", "RequestPaths", "RequestsCfg", "TransitionError", "as_version_info", "audit_html",
-    "audit_model", "audit_request", "build_request_splits", "forget_rows_for", "forget_set_hash", "honour_requests",
+    "ACCEPTED", "FORGET_REQUESTS", "FORGET_REQUESTS_PERTURBED", "GIT_COMMIT_TAGS", "RETAIN_REQUESTS", "STATUSES",
+    "TAG_FORGET_ROWS", "TAG_FORGET_SET_HASH", "TAG_REQUEST_IDS", "AddResult", "InboxError", "IngestResult", "Ledger",
+    "Match", "Request", "RequestError", "RequestsCfg", "TransitionError", "as_version_info", "audit_html",
+    "audit_model", "audit_request", "build_request_splits", "forget_rows_for", "forget_set_hash",
     "ingest_inbox", "match_subject", "parse_request_ids", "read_request_splits", "render_audit_model",
-    "render_audit_request", "request_app", "request_tag", "requests_settings", "write_request_splits",
+    "render_audit_request", "request_tag", "requests_settings", "write_request_splits",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "request_app":
-        from .cli import request_app
-
-        return request_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

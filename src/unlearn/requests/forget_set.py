@@ -35,16 +35,9 @@ from ..data.splits import forget_set_hash, read_manifest, read_split_dir, write_
 from .ledger import ACCEPTED, Request, RequestError, match_subject
 
 __all__ = [
-    "FORGET", "FORGET_PERTURBED", "FORGET_REQUESTS", "FORGET_REQUESTS_PERTURBED", "RETAIN", "RETAIN_REQUESTS",
+    "FORGET_REQUESTS", "FORGET_REQUESTS_PERTURBED", "RETAIN_REQUESTS",
     "build_request_splits", "forget_rows_for", "forget_set_hash", "read_request_splits", "write_request_splits",
 ]
-
-# Deprecated aliases of the names above: "FORGET" alone also names the evaluation's forget role, so new code
-# imports FORGET_REQUESTS / RETAIN_REQUESTS / FORGET_REQUESTS_PERTURBED (here or from unlearn.data.names).
-FORGET = FORGET_REQUESTS
-RETAIN = RETAIN_REQUESTS
-FORGET_PERTURBED = FORGET_REQUESTS_PERTURBED
-
 
 def _as_request(r: Request | Mapping[str, Any]) -> Request:
     if isinstance(r, Request):
