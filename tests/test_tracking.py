@@ -241,6 +241,11 @@ def test_registered_version_carries_what_the_audit_reads(store, model_dir, repor
     text = stages.audit(p, model_version=d["version"])
     assert "(1 rows)" in text and "n/a rows" not in text
     assert "method.name=dipo" in text and "req-a" in text
+    # ...and the command that rebuilds it: its commit, then the pipeline with every parameter it ran with.
+    repro = next(line for line in text.splitlines() if line.strip().startswith("reproduce:"))
+    assert f"git checkout {tags['git_commit']} && dvc exp run " in repro
+    assert "-S method.name=dipo" in repro and "-S tracking.registered_model=rm-audit" in repro
+    assert "-S data.forget_split=forget10" in repro
     page = Path(mlflow.artifacts.download_artifacts(run_id=d["run_id"], artifact_path="audit/audit.html",
                                                     tracking_uri=cfg["uri"])).read_text()
     assert "rm-audit v1" in page and "req-a" in page and "row-1" in page and "0.1000" in page

@@ -39,16 +39,48 @@ def _params(params: Path, overrides: list[str] | None):
     return load_params(params, overrides)
 
 
-def _setup(verbose: bool = False) -> None:
+_VERBOSE = {"on": False}
+
+
+@app.callback()
+def _global_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", envvar="UNLEARN_VERBOSE",
+                                          help="also show the libraries' INFO logs and progress bars (accelerate, "
+                                               "transformers, mlflow...); by default only this project's messages, "
+                                               "its progress bars and every library's warnings")] = False,
+) -> None:
+    _VERBOSE["on"] = verbose
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Quiet by default: this project's loggers (``unlearn.*``) at INFO, every library at WARNING, and
+    transformers' own weight-loading bars off, so a run's console shows our progress bars and what matters.
+    ``--verbose`` (or ``UNLEARN_VERBOSE=1``) brings the libraries' INFO lines and bars back."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("unlearn").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock"):  # chatty even at INFO
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
+        hf_logging.set_verbosity_info() if verbose else hf_logging.set_verbosity_warning()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+def _setup(verbose: bool | None = None) -> None:
     from .stages import set_threads
     from .train import distributed_state
 
     # Before anything else asks "which rank am I": the first state made in a process decides the world size.
     distributed_state()
-
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(_VERBOSE["on"] if verbose is None else verbose)
     set_threads()
 
 

@@ -286,6 +286,18 @@ def render_audit_request(d: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def reproduce_command(d: Mapping[str, Any]) -> str:
+    """The command that rebuilds the version: its commit checked out, then the DVC pipeline with every
+    parameter it ran with (``dvc exp run -S key=value``, so a run made with ``--set`` overrides is rebuilt
+    with them too, whatever params.yaml says at that commit). The data come with the commit (DVC-tracked)."""
+    import shlex
+
+    commit = d.get("git_commit") or "<commit unknown>"
+    sets = " ".join("-S " + shlex.quote(f"{k}={'null' if v in (None, 'None') else v}")
+                    for k, v in (d.get("params") or {}).items())
+    return f"git checkout {commit} && dvc exp run {sets}".rstrip()
+
+
 def render_audit_model(d: Mapping[str, Any]) -> str:
     """Plain-text report of :func:`audit_model`."""
     alias = f" [{', '.join(d['aliases'])}]" if d.get("aliases") else ""
@@ -301,6 +313,7 @@ def render_audit_model(d: Mapping[str, Any]) -> str:
         lines.append("  metrics:       " + " ".join(f"{k}={fmt_number(val)}" for k, val in d["metrics"].items()))
     if d.get("params"):
         lines.append("  params:        " + " ".join(f"{k}={val}" for k, val in d["params"].items()))
+    lines.append("  reproduce:     " + reproduce_command(d))
     lines.append(f"  requests ({len(d['requests'])}):")
     for r in d["requests"]:
         if not r.get("in_ledger"):
