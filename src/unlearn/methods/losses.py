@@ -27,7 +27,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -320,23 +320,19 @@ def dipo_forget_loss(
     ref_ids: torch.Tensor | None,
     ref_logp: torch.Tensor,
     *,
-    k: int = 1,
-    gamma: float = 5.0,
     beta: float = 0.1,
-    mask: Mask = "topk",
-    ref_label_logp: torch.Tensor | None = None,
+    n_rows: float | None = None,
+    **knobs: Any,
 ) -> torch.Tensor:
-    """DiPO forget loss: ``-(2/beta) * mean_batch logsigmoid(Delta)`` (Delta from :func:`dipo_delta`).
+    """DiPO forget loss: ``-(2/beta) * mean_batch logsigmoid(Delta)`` (Delta from :func:`dipo_delta`, which
+    takes the other ``knobs``: ``k``, ``gamma``, ``mask``, ``ref_label_logp``).
 
     Equals ``(2/beta) * log 2`` at theta = ref; its gradient w.r.t. the policy
     logits at answer position t is ``-(2/B) * sigmoid(-Delta) * (p+_t - p-_t)``.
     ``mask="gold"`` with top-K ``ref_ids`` needs ``ref_label_logp``; with
     ``mask="topk"`` it is optional (it only makes the gold token a bucket).
     """
-    delta = dipo_delta(
-        policy_logits, labels, ref_ids, ref_logp, k=k, gamma=gamma, beta=beta, mask=mask, ref_label_logp=ref_label_logp
-    )
-    return preference_loss(delta, beta)
+    return preference_loss(dipo_delta(policy_logits, labels, ref_ids, ref_logp, beta=beta, **knobs), beta, n_rows)
 
 
 def online_ref_logp(policy_logits: torch.Tensor) -> torch.Tensor:
@@ -344,21 +340,11 @@ def online_ref_logp(policy_logits: torch.Tensor) -> torch.Tensor:
     return policy_logits[:, :-1, :].detach().float().log_softmax(-1)
 
 
-def dipo_online_loss(
-    policy_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    k: int = 1,
-    gamma: float = 5.0,
-    beta: float = 0.1,
-    mask: Mask = "topk",
-) -> torch.Tensor:
-    """DiPO with reference="online": the pair and pi_ref are the detached current policy.
+def dipo_online_loss(policy_logits: torch.Tensor, labels: torch.Tensor, **knobs: Any) -> torch.Tensor:
+    """DiPO with reference="online": the pair and pi_ref are the detached current policy (``knobs`` as for
+    :func:`dipo_forget_loss`).
 
     The value is always ``(2/beta) log 2``; only the gradient
     ``-(1/B) * (p+_t - p-_t)`` matters.
     """
-    return dipo_forget_loss(
-        policy_logits, labels, None, online_ref_logp(policy_logits), k=k, gamma=gamma, beta=beta, mask=mask
-    )
-
+    return dipo_forget_loss(policy_logits, labels, None, online_ref_logp(policy_logits), **knobs)
