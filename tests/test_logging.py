@@ -19,6 +19,15 @@ def test_library_info_is_quiet_and_ours_is_not():
     assert not logging.getLogger("unlearn.train").isEnabledFor(logging.DEBUG)
 
 
+def test_the_tied_weights_note_is_dropped_but_other_warnings_stay(caplog):
+    cli.configure_logging(False)
+    log = logging.getLogger("accelerate.utils.other")
+    with caplog.at_level(logging.WARNING, logger="accelerate.utils.other"):
+        log.warning("[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.")
+        log.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
 def test_verbose_brings_library_info_back():
     try:
         cli.configure_logging(True)

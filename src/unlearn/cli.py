@@ -52,6 +52,11 @@ def _global_options(
     _VERBOSE["on"] = verbose
 
 
+class _TiedWeightsNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
 def configure_logging(verbose: bool = False) -> None:
     """Quiet by default: this project's loggers (``unlearn.*``) at INFO, every library at WARNING, and
     transformers' own weight-loading bars off, so a run's console shows our progress bars and what matters.
@@ -65,6 +70,13 @@ def configure_logging(verbose: bool = False) -> None:
     logging.getLogger("unlearn").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock"):  # chatty even at INFO
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    # accelerate warns at every checkpoint that it dropped lm_head.weight: expected with tied embeddings
+    # (the tiny Llama's default), and the reloaded model is checked against the saved one in the tests.
+    other = logging.getLogger("accelerate.utils.other")
+    for f in [f for f in other.filters if isinstance(f, _TiedWeightsNote)]:
+        other.removeFilter(f)
+    if not verbose:
+        other.addFilter(_TiedWeightsNote())
     try:
         from transformers.utils import logging as hf_logging
 
