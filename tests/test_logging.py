@@ -11,6 +11,8 @@ from unlearn import cli
 
 
 def test_library_info_is_quiet_and_ours_is_not():
+    import mlflow  # noqa: F401  (mlflow sets its own logger to INFO on import: the quiet default must win)
+
     cli.configure_logging(False)
     assert not logging.getLogger("accelerate.checkpointing").isEnabledFor(logging.INFO)
     assert not logging.getLogger("mlflow.store").isEnabledFor(logging.INFO)

@@ -68,7 +68,9 @@ def configure_logging(verbose: bool = False) -> None:
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("unlearn").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock"):  # chatty even at INFO
+    # Libraries that set their own logger level on import (mlflow: INFO) or are chatty even at INFO.
+    for noisy in ("mlflow", "alembic", "accelerate", "datasets", "great_expectations", "absl", "httpx", "urllib3",
+                  "filelock"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
     # accelerate warns at every checkpoint that it dropped lm_head.weight: expected with tied embeddings
     # (the tiny Llama's default), and the reloaded model is checked against the saved one in the tests.
