@@ -12,6 +12,7 @@ run reuses the trained models and caches.
 Run in-process (no server needed; Prefect starts a temporary one)::
 
     python flows/pipelines.py run --benchmark tofu --method dipo
+    python flows/pipelines.py run --benchmark muse            # on muse/params.yaml
     python flows/pipelines.py run --benchmark requests
 
 Serve the deployments ``unlearn/tofu``, ``unlearn/muse`` and ``unlearn/requests``::
@@ -154,10 +155,17 @@ def request_splits_task(params_path: str, overrides: list[str] | None) -> dict:
 
 
 # --------------------------------------------------------------------------- flows
-def tofu_pipeline(params_path: str, overrides: list[str]) -> dict:
+@task(name="sequence", retries=1)
+def sequence_task(params_path: str, overrides: list[str] | None, kind: str) -> list[dict]:
+    return stages.sequence(_p(params_path, overrides), kind)
+
+
+def benchmark_pipeline(params_path: str, overrides: list[str], sequences: bool = False) -> dict:
     """prepare -> tokenizer -> validate -> finetune target, retain -> reference cache -> forget -> evaluate -> register.
 
-    The order of dvc.yaml: the tokenizer comes before the gate, which counts the rows it cuts.
+    The order of dvc.yaml (and muse/dvc.yaml): the tokenizer comes before the gate, which counts the rows it
+    cuts. The same for every benchmark: the params file says which. ``sequences`` (MUSE): also run the
+    sustainability and scalability sequences after the evaluations.
     """
     log = get_run_logger()
     p = _p(params_path, overrides)
@@ -173,9 +181,11 @@ def tofu_pipeline(params_path: str, overrides: list[str]) -> dict:
     for name in ("retain", "target", "unlearned"):
         metrics[name] = evaluate_task(params_path=params_path, overrides=overrides,
                                   model_path=str(stages.model_dir(p, name)), name=name)
+    curves = {kind: sequence_task(params_path=params_path, overrides=overrides, kind=kind)
+              for kind in (stages.SEQUENCES if sequences else ())}
     decision = register_task(params_path=params_path, overrides=overrides)
     log.info("gate: %s", json.dumps(decision, default=str))
-    return {"metrics": metrics, "decision": decision}
+    return {"metrics": metrics, "decision": decision, **({"sequences": curves} if curves else {})}
 
 
 def requests_pipeline(params_path: str, overrides: list[str]) -> dict:
@@ -229,27 +239,34 @@ class PrefectCycle(cycle.CycleSteps):
                              request_ids=request_ids, model_path=model_path)
 
 
+PARAMS_FILES = {"tofu": "params.yaml", "muse": "muse/params.yaml", "requests": "params.yaml"}
+"""Each benchmark's parameters file (relative to the working directory, the project root)."""
+
+
 @flow(name="unlearn", log_prints=True)
 def unlearn(
     benchmark: str = "tofu",
-    split: str = "forget10",
-    method: str = "dipo",
+    split: str | None = None,
+    method: str | None = None,
     overrides: list[str] | None = None,
-    params_path: str = "params.yaml",
+    params_path: str | None = None,
+    sequences: bool = False,
 ) -> dict:
     """Unlearn ``split`` with ``method`` on ``benchmark`` (tofu | muse | requests) and register the model if it
-    passes the gate. ``overrides`` are ``key=value`` strings applied on top of ``params.yaml``."""
+    passes the gate. ``split``/``method`` default to the params file's (``params.yaml``; MUSE:
+    ``muse/params.yaml``); ``overrides`` are ``key=value`` strings applied on top of it. ``sequences``
+    (MUSE): also run the sustainability and scalability sequences."""
+    if benchmark not in PARAMS_FILES:
+        raise ValueError(f"unknown benchmark {benchmark!r}: expected {', '.join(PARAMS_FILES)}")
+    params_path = params_path or PARAMS_FILES[benchmark]
     params_path = str(Path(params_path) if Path(params_path).is_absolute() else Path.cwd() / params_path)
-    if benchmark == "muse":
-        raise NotImplementedError(
-            "benchmark 'muse' is not available yet: MUSE support is a later issue; use benchmark='tofu'"
-        )
+    if load_params(params_path).benchmark != ("tofu" if benchmark == "requests" else benchmark):
+        raise ValueError(f"{params_path} configures benchmark {load_params(params_path).benchmark!r}, not {benchmark!r}")
     if benchmark == "requests":
         return requests_pipeline(params_path, list(overrides or []))
-    if benchmark != "tofu":
-        raise ValueError(f"unknown benchmark {benchmark!r}: expected tofu, muse or requests")
-    ov = [f"data.forget_split={split}", f"method.name={method}", *(overrides or [])]
-    return tofu_pipeline(params_path, ov)
+    ov = [*([f"data.forget_split={split}"] if split else []), *([f"method.name={method}"] if method else []),
+          *(overrides or [])]
+    return benchmark_pipeline(params_path, ov, sequences=sequences and benchmark == "muse")
 
 
 def deployments():
@@ -274,16 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run the unlearn flow in-process")
     run.add_argument("--benchmark", default="tofu", choices=["tofu", "muse", "requests"])
-    run.add_argument("--split", default="forget10")
-    run.add_argument("--method", default="dipo")
-    run.add_argument("--params", default="params.yaml")
+    run.add_argument("--split", default=None, help="forget split (default: the params file's)")
+    run.add_argument("--method", default=None, help="unlearning method (default: the params file's)")
+    run.add_argument("--params", default=None, help="params file (default: params.yaml; MUSE: muse/params.yaml)")
+    run.add_argument("--sequences", action="store_true", help="MUSE: also run the sustainability/scalability sequences")
     run.add_argument("--set", dest="overrides", action="append", default=[], help="key=value override (repeatable)")
     sub.add_parser("serve", help="serve the deployments unlearn/tofu, unlearn/muse, unlearn/requests")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         serve_all()
         return 0
-    out = unlearn(benchmark=a.benchmark, split=a.split, method=a.method, overrides=a.overrides, params_path=a.params)
+    out = unlearn(benchmark=a.benchmark, split=a.split, method=a.method, overrides=a.overrides, params_path=a.params,
+                  sequences=a.sequences)
     print(json.dumps(out, indent=2, default=str))
     return 0
 

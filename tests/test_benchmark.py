@@ -29,7 +29,21 @@ def test_params_reject_an_unknown_benchmark():
 def test_tofu_evaluates_the_perturbed_twin_and_the_utility_sets():
     forget, names = get_benchmark("tofu").eval_splits(Params())
     assert forget == "forget10_perturbed"
-    assert names == ["forget10_perturbed", "retain_perturbed", "real_authors", "world_facts"]
+    assert names == ["forget10_perturbed", "retain_perturbed", "real_authors", "world_facts", "holdout10"]
+    forget, names = get_benchmark("tofu").eval_splits(Params(data={"forget_split": "forget01"}))
+    assert forget == "forget01_perturbed" and names[-1] == "holdout01"
+    _, names = get_benchmark("tofu").eval_splits(Params(data={"forget_split": "forget_requests"}))
+    assert not [n for n in names if n.startswith("holdout")]  # a request forget set has no holdout authors
+
+
+def test_tofu_corpus_leaves_the_holdout_authors_out():
+    from unlearn.data.synthetic import generate_tofu
+
+    splits = {k: v for k, v in generate_tofu(10, 4, 0).items() if k != "idk"}
+    text = "\n".join(get_benchmark("tofu").corpus_texts(splits))
+    holdout = splits["holdout10"]
+    assert holdout and not [r for r in holdout if r["question"] in text or r["answer"] in text]
+    assert all(r["answer"] in text for r in splits["full"])
 
 
 def test_the_gate_reads_the_benchmarks_metric_names():

@@ -286,6 +286,9 @@ def test_cache_stage_passes_the_resolved_precision(monkeypatch, tmp_path):
 
     monkeypatch.setattr(stages, "forget_inputs", lambda p: ForgetInputs(ROWS, RETAIN, IDK))
     monkeypatch.setattr(B, "load_tokenizer", lambda d: None)
+    from unlearn.benchmark import TOFU
+
+    monkeypatch.setattr(TOFU, "encode_inputs", lambda self, p, tok, inputs: None)
     monkeypatch.setattr(C, "ensure_cache", lambda **kw: seen.update(kw))
     stages.cache(Params(), tmp_path)
     assert (seen["device"], seen["mixed_precision"]) == C.resolve_precision()

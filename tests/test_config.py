@@ -100,7 +100,7 @@ def test_consumers_read_the_typed_sections(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     p = load_params(ROOT / "params.yaml", ["gate.min_utility_ratio=0.5", "tracking.artifact_location=art",
                                            "requests.inbox=in"])
-    assert tracking.gate_config(p) == {"min_forget_quality": 0.05, "min_utility_ratio": 0.5}
+    assert tracking.gate_config(p) == {"min_forget_quality": 0.05, "min_utility_ratio": 0.5, "max_abs_privleak": 25.0}
     assert tracking.tracking_config(p, tmp_path).artifact_location == str(tmp_path / "art")
     assert ledger.requests_settings(p) is p.requests and p.requests.inbox == "in"
     assert ledger.RequestsCfg is RequestsCfg  # re-exported where it used to live
@@ -170,7 +170,8 @@ def test_knobs_list_every_leaf_with_type_default_and_value():
     assert {"gate.min_forget_quality", "tracking.uri", "requests.schedule_cron"} <= set(ks)
     assert format_value(ks["requests.schedule_cron"].value) == '"*/30 * * * *"'
     assert [k.name for k in select_knobs(list(ks.values()), ["gate"])] == ["gate.min_forget_quality",
-                                                                           "gate.min_utility_ratio"]
+                                                                           "gate.min_utility_ratio",
+                                                                           "gate.max_abs_privleak"]
     with pytest.raises(ConfigError, match="no such knob or section: gat"):
         select_knobs(list(ks.values()), ["gat"])
 

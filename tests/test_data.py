@@ -529,3 +529,108 @@ def test_split_file_error_is_picklable(written: Path) -> None:
         load_split_file(written, "forget05_missing", None)
     again = pickle.loads(pickle.dumps(info.value))
     assert (again.check, str(again)) == ("split_exists", str(info.value))
+
+
+# --- holdout authors (the non-members of the privacy-leakage metrics) ------------------------------------
+
+# sha256 over "<split>:<sha256 of its file>" lines (sorted) of every split the generator wrote *before* it had holdout
+# splits, per (n_authors, qa_per_author, seed): adding the holdout authors must leave those files byte-identical.
+OLD_SPLITS_DIGEST = {
+    (40, 20, 0): "bef3214ec05bed5bb96a4dc6e023b61a8941d3b9b760227ba736b34a0f39c025",
+    (30, 8, 0): "4dbfb79d040a72a3087c1ac9091efcdc398cb152d059c8fddea40210d523cec3",
+    (12, 20, 7): "03d33a8411b869ffeda4600d5849b2601a04ff068a888207ba3a776e233045fb",
+    (100, 20, 1): "de4929d1b195f59fbfbb4610b8b19d5b44822b2cddc5cc88f796755d4a967ec5",
+}
+
+
+@pytest.mark.parametrize("cfg", sorted(OLD_SPLITS_DIGEST))
+def test_holdout_authors_leave_the_other_splits_byte_identical(cfg: tuple[int, int, int], tmp_path: Path) -> None:
+    import hashlib
+
+    from unlearn.data.names import HOLDOUT_SPLITS
+
+    manifest = write_splits(generate_tofu(*cfg), tmp_path / "out")
+    old = sorted(n for n in manifest if n not in HOLDOUT_SPLITS)
+    assert len(old) == 14 and set(manifest) - set(old) == set(HOLDOUT_SPLITS)
+    digest = hashlib.sha256("".join(f"{n}:{manifest[n]['sha256']}\n" for n in old).encode()).hexdigest()
+    assert digest == OLD_SPLITS_DIGEST[cfg]
+
+
+@pytest.mark.parametrize("n_authors, qa", [(100, 20), (40, 20), (30, 8), (3, 20)])
+def test_holdout_authors_are_outside_full_and_nested(n_authors: int, qa: int) -> None:
+    d = generate_tofu(n_authors, qa, seed=1)
+    full = d["full"]
+    h10 = d["holdout10"]
+    for pct in ("01", "05", "10"):
+        h, forget = d[f"holdout{pct}"], d[f"forget{pct}"]
+        assert len(author_order(h)) == len(author_order(forget)), "as many holdout authors as forgetXX has"
+        assert h == h10[: len(h)], "holdout01 / holdout05 = the first rows (authors) of holdout10"
+        assert len(h) == qa * len(author_order(h))
+    for key in ("author_id", "id", "question", "answer"):
+        assert not {r[key] for r in h10} & {r[key] for r in full}, key
+    assert all(r["author_id"].startswith("syn-h") for r in h10)
+    assert all(r["paraphrased_answer"] is None and r["perturbed_answer"] is None for r in h10)  # as TOFU's files
+    names = lambda rows: {r["answer"].removeprefix("The author's full name is ").rstrip(".")  # noqa: E731
+                          for r in rows if r["id"].endswith("-q00")}
+    assert not names(h10) & names(full) and len(names(h10)) == len(author_order(h10))
+    # Same style: the answers come from the same templates (here: the same sentence once the name is swapped).
+    by_q = {r["id"][-3:]: r for r in full if r["author_id"] == full[0]["author_id"]}
+    assert {r["id"][-3:] for r in h10} == set(by_q)
+    assert generate_tofu(n_authors, qa, seed=1)["holdout10"] == h10
+    assert generate_tofu(n_authors, qa, seed=2)["holdout10"] != h10
+
+
+def test_holdout_rule() -> None:
+    from unlearn.data.names import FORGET_SPLITS, holdout_of
+    from unlearn.errors import UserError
+
+    assert [holdout_of(f) for f in FORGET_SPLITS] == ["holdout01", "holdout05", "holdout10", None]
+    with pytest.raises(UserError, match="unknown forget split"):
+        holdout_of("retain90")
+
+
+def test_real_tofu_holdout_files(shared_tofu_dir: Path) -> None:
+    d = load_tofu("local", local_dir=shared_tofu_dir, hub_id="locuslab/TOFU", n_authors=0, qa_per_author=20, seed=0)
+    h1, h5, h10 = d["holdout01"], d["holdout05"], d["holdout10"]
+    assert (len(h1), len(h5), len(h10)) == (40, 200, 400)
+    assert [len(author_order(h)) for h in (h1, h5, h10)] == [2, 10, 20]  # as many authors as forget01/05/10
+    assert h5 == h10[:200] and h1 == h10[:40]
+    assert [r["id"] for r in h10[:2]] == ["tofu-h0000", "tofu-h0001"]
+    assert h10[0]["author_id"] == "tofu-ha000" and h10[399]["author_id"] == "tofu-ha019"
+    assert h10[0]["question"] == "When and where was Siriporn Nakharin born?"
+    full = d["full"]
+    for key in ("author_id", "id", "question", "answer"):
+        assert not {r[key] for r in h10} & {r[key] for r in full}, key
+
+
+def test_missing_holdout_file_is_named(bad_dir: Path, written: Path) -> None:
+    (bad_dir / "holdout10.json").unlink()
+    err = fails_and_writes_nothing(bad_dir, written)
+    assert "missing required file(s) holdout10.json" in str(err) and str(bad_dir) in str(err)
+
+
+def test_fixture_derives_the_smaller_holdout_splits() -> None:
+    d = load_fixture()
+    assert [r["id"] for r in d["holdout10"]] == [f"tofu-h{i:04d}" for i in range(4)]
+    assert d["holdout05"] == d["holdout01"] == d["holdout10"]  # 5 authors: one forget (and holdout) author each
+
+
+def test_local_holdout05_must_be_part_of_holdout10(bad_dir: Path, written: Path) -> None:
+    (bad_dir / "holdout05.json").write_text(json.dumps([{"question": "Who is Nobody?", "answer": "Nobody."}]))
+    assert_located(fails_and_writes_nothing(bad_dir, written), "holdout05.json", 0, "question")
+
+
+def test_holdout_rows_in_full_are_refused(syn40: dict, written: Path) -> None:
+    before = snapshot(written)
+    bad = dict(syn40, holdout10=syn40["holdout10"] + [syn40["full"][3]])
+    with pytest.raises(DataError) as info:
+        write_splits(bad, written)
+    assert_located(info.value, "holdout10", 80, "author_id")
+    assert "full" in str(info.value) and "syn-a000" in str(info.value)
+    same_question = dict(syn40["holdout10"][0], question=syn40["full"][1]["question"])
+    with pytest.raises(DataError, match=r"holdout10, row 0, field 'question': shares 1 question"):
+        write_splits(dict(syn40, holdout10=[same_question, *syn40["holdout10"][1:]]), written)
+    outside = dict(syn40["holdout10"][0], id="syn-h999-q00")
+    with pytest.raises(DataError, match=r"holdout01, row 0, field 'id': id 'syn-h999-q00' is not a row of holdout05"):
+        write_splits(dict(syn40, holdout01=[outside, *syn40["holdout01"][1:]]), written)
+    assert_untouched(written, before)

@@ -108,6 +108,15 @@ SPLITS = {"forget10_perturbed": FORGET, "retain_perturbed": RETAIN, "real_author
 PREFIX = {"forget10_perturbed": "forget", "retain_perturbed": "retain", "real_authors": "real_authors",
           "world_facts": "world_facts"}
 GENERATION = "alpha beta gamma"  # greedy chain from ':' under NEXT, for every question
+# Authors no model trained on: the non-members of the membership-inference AUCs (question/answer only, as TOFU's).
+HOLDOUT = [
+    {"id": 40, "author_id": 5, "question": "Who is eta ?", "answer": "eta theta zeta",
+     "paraphrased_answer": None, "perturbed_answer": None},
+    {"id": 41, "author_id": 5, "question": "what is zeta ?", "answer": "theta alpha",
+     "paraphrased_answer": None, "perturbed_answer": None},
+    {"id": 42, "author_id": 6, "question": "Who is theta ?", "answer": "zeta eta delta",
+     "paraphrased_answer": None, "perturbed_answer": None},
+]
 
 
 # ----------------------------------------------------------------- independent (by hand) computations
@@ -424,16 +433,20 @@ def test_hf_batched_generation_matches_unbatched(llama_dir):
 def test_evaluate_dir(tmp_path, llama_dir):
     out = tmp_path / "eval"
     cfg = EvalCfg(batch_size=4, max_new_tokens=6, report_examples=2)
-    res = evaluate_dir(llama_dir, splits=SPLITS, forget_split="forget10_perturbed", max_length=MAXLEN, cfg=cfg,
-                       retain_model_dir=llama_dir, target_model_dir=llama_dir, out_dir=out, progress=False)
+    splits = {**SPLITS, "holdout10": HOLDOUT}
+    res = evaluate_dir(llama_dir, splits=splits, forget_split="forget10_perturbed", max_length=MAXLEN, cfg=cfg,
+                       retain_model_dir=llama_dir, target_model_dir=llama_dir, out_dir=out, progress=False,
+                       holdout_split="holdout10")
     assert res.metrics["forget_quality"] == 1.0  # retain model == evaluated model
+    assert res.metrics["privleak"] == 0.0  # likewise
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) >= {"forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-                            "forget_exact_mem", "forget_extraction_strength", "world_facts_truth_ratio"}
+                            "forget_exact_mem", "forget_extraction_strength", "world_facts_truth_ratio", "privleak",
+                            "mia_auc_loss", "mia_auc_zlib", "mia_auc_min_k", "mia_auc_min_k_plus_plus"}
     assert all(isinstance(v, float) for v in metrics.values())
     lines = (out / "per_example.jsonl").read_text().splitlines()
-    assert len(lines) == sum(len(v) for v in SPLITS.values())
-    assert {json.loads(x)["split"] for x in lines} == set(SPLITS)
+    assert len(lines) == sum(len(v) for v in splits.values())
+    assert {json.loads(x)["split"] for x in lines} == set(splits)
     for f in ("report.md", "report.html", "truth_ratio_hist.png", "notes.json"):
         assert (out / f).exists()
     assert list((llama_dir / REFERENCE_DIRNAME).glob("*.json"))

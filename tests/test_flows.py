@@ -3,8 +3,9 @@
 1. the `unlearn` flow runs in-process (no server) on the default data and registers a model;
 2. a deletion request goes through `unlearn/requests`: a crash mid-run leaves it pending with the reason,
    the rerun fulfils it with a newly registered version, and `unlearn audit` answers both ways;
-3. a local Prefect server on 127.0.0.1 serves the deployments; `prefect deployment run unlearn/tofu` completes,
-   then a request dropped into the inbox is fulfilled by `prefect deployment run unlearn/requests`.
+3. a local Prefect server on 127.0.0.1 serves the deployments; `prefect deployment run unlearn/tofu` and
+   `prefect deployment run unlearn/muse` complete (MUSE to a registered or gate-refused model), then a request
+   dropped into the inbox is fulfilled by `prefect deployment run unlearn/requests`.
 Slow: models are really trained (once; later runs hit the Prefect cache).
 """
 
@@ -100,10 +101,10 @@ def test_unlearn_flow_runs_in_process_and_registers(project):
     assert [w.stat().st_mtime_ns for w in weights] == stamps, "models were retrained instead of cached"
 
 
-def test_muse_deployment_fails_clearly(project):
-    res = run_flow(project, "--benchmark", "muse", check=False)
+def test_flow_refuses_a_params_file_of_another_benchmark(project):
+    res = run_flow(project, "--benchmark", "muse", "--params", "params.yaml", check=False)
     assert res.returncode != 0
-    assert "MUSE" in res.stdout + res.stderr
+    assert "configures benchmark 'tofu', not 'muse'" in res.stdout + res.stderr
 
 
 def test_request_crash_then_fulfilment_and_audit(project):
@@ -171,6 +172,15 @@ def test_served_deployments_run_and_fulfil_an_inbox_request(project):
 
         r = deployment_run("unlearn/tofu")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (logs / "serve.log").read_text()[-5000:]
+        # MUSE: the same flow on muse/params.yaml, to a registered (or gate-refused, with the reason) model
+        r = deployment_run("unlearn/muse")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + (logs / "serve.log").read_text()[-5000:]
+        decision = read_json(project / "muse" / "reports" / "register" / "decision.json")
+        assert decision["passed"] is True or decision["reasons"], decision
+        if decision["passed"]:
+            assert decision["registered_model"] == "unlearned-muse" and decision["version"] is not None
+        for role in ("target", "retain", "unlearned"):
+            assert (project / "muse" / "models" / role / "model.safetensors").exists()
         inbox = project / "data" / "requests" / "inbox"
         inbox.mkdir(parents=True, exist_ok=True)
         full = read_json(project / "data" / "tofu" / "full.json")

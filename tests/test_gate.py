@@ -51,3 +51,29 @@ def test_champion_rule():
 def test_tracking_still_exports_the_gate():
     assert tracking.gate_decision is gate.gate_decision and tracking.GateDecision is gate.GateDecision
     assert tracking.at_least_as_good is gate.at_least_as_good
+
+
+# --------------------------------------------------------------------------- MUSE: |PrivLeak| bound, KnowMem utility
+MUSE = gate.GateMetrics(forget="privleak", utility="knowmem_retain", forget_rule="abs_max")
+
+
+def test_muse_gate_bounds_privleak_on_both_sides():
+    target = {"knowmem_retain": 0.5}
+    g = {"max_abs_privleak": 10.0, "min_utility_ratio": 0.9}
+    assert gate_decision({"privleak": -9.9, "knowmem_retain": 0.45}, target, g, MUSE).passed
+    assert gate_decision({"privleak": 9.9, "knowmem_retain": 0.45}, target, g, MUSE).passed
+    under = gate_decision({"privleak": -60.0, "knowmem_retain": 0.5}, target, g, MUSE)  # still leaks (target: ~-100)
+    over = gate_decision({"privleak": 30.0, "knowmem_retain": 0.5}, target, g, MUSE)    # over-unlearned
+    assert not under.passed and not over.passed
+    assert under.reasons == ["|privleak| 60 > max_abs_privleak 10"]
+    low = gate_decision({"privleak": 0.0, "knowmem_retain": 0.44}, target, g, MUSE)
+    assert not low.passed and "knowmem_retain 0.44 < 0.9 x target 0.5" in low.reasons[0]
+
+
+def test_muse_champion_is_the_one_closer_to_the_retain_model():
+    champ = {"privleak": -20.0, "knowmem_retain": 0.4}
+    assert at_least_as_good({"privleak": 5.0, "knowmem_retain": 0.4}, champ, MUSE)
+    assert at_least_as_good({"privleak": 20.0, "knowmem_retain": 0.4}, champ, MUSE)  # tie on |privleak|
+    assert not at_least_as_good({"privleak": -30.0, "knowmem_retain": 0.5}, champ, MUSE)
+    assert not at_least_as_good({"privleak": 25.0, "knowmem_retain": 0.5}, champ, MUSE)
+    assert not at_least_as_good({"privleak": 0.0, "knowmem_retain": 0.3}, champ, MUSE)

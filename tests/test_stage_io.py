@@ -32,6 +32,27 @@ DVC_STAGES = {  # dvc.yaml stage -> the library stage and the keyword arguments 
 }
 
 
+MUSE_STAGES = {  # muse/dvc.yaml: the same stage functions on muse/params.yaml, plus MUSE's two sequences
+    **{k: v for k, v in DVC_STAGES.items() if not k.startswith("evaluate_")},
+    **{f"evaluate_{n}": ("evaluate", {"model_path": f"muse/models/{n}", "name": n}) for n in ("retain", "target", "unlearned")},
+    "sustainability": ("sequence", {"kind": "sustainability"}),
+    "scalability": ("sequence", {"kind": "scalability"}),
+}
+PIPELINES = {"tofu": ("dvc.yaml", "params.yaml", DVC_STAGES), "muse": ("muse/dvc.yaml", "muse/params.yaml", MUSE_STAGES)}
+
+
+def _params_of(spec: dict, params_file: str) -> set[str]:
+    """dvc.yaml ``params:`` (keys of params.yaml, or ``{file: [keys]}`` for another file) -> the keys."""
+    keys = set()
+    for e in spec.get("params") or []:
+        if isinstance(e, str):
+            keys.add(e)
+        else:
+            assert set(e) == {params_file}, f"params from {set(e)}, expected {params_file}"
+            keys.update(e[params_file])
+    return keys
+
+
 def _paths(entries) -> set[str]:
     """dvc.yaml outs/metrics/plots entries (a path, or {path: options}) -> their paths."""
     out = set()
@@ -45,22 +66,25 @@ def _covers(dep: str, path: Path) -> bool:
     return path == Path(dep) or Path(dep) in path.parents
 
 
-@pytest.fixture(scope="module")
-def dvc() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def _dvc(pipeline: str) -> dict:
+    return yaml.safe_load((ROOT / PIPELINES[pipeline][0]).read_text())["stages"]
 
 
-def test_every_dvc_stage_is_declared(dvc):
-    assert set(dvc) == set(DVC_STAGES)
-    assert {stage for stage, _ in DVC_STAGES.values()} == set(stages.STAGES)
+def test_every_dvc_stage_is_declared():
+    assert set(_dvc("tofu")) == set(DVC_STAGES)
+    assert set(_dvc("muse")) == set(MUSE_STAGES)
+    assert {stage for stage, _ in [*DVC_STAGES.values(), *MUSE_STAGES.values()]} == set(stages.STAGES)
+    for spec in _dvc("muse").values():  # every MUSE stage runs in the project root, on muse/params.yaml
+        assert spec["wdir"] == ".." and spec["cmd"].endswith("--params muse/params.yaml")
 
 
-@pytest.mark.parametrize("name", list(DVC_STAGES))
-def test_stage_io_agrees_with_dvc_yaml(dvc, name):
-    p = load_params(ROOT / "params.yaml")
-    stage, kwargs = DVC_STAGES[name]
+@pytest.mark.parametrize("pipeline, name", [(k, n) for k, (_, _, names) in PIPELINES.items() for n in names])
+def test_stage_io_agrees_with_dvc_yaml(pipeline, name):
+    _, params_file, names = PIPELINES[pipeline]
+    p = load_params(ROOT / params_file)
+    stage, kwargs = names[name]
     io = stages.stage_io(stage, p, **kwargs)
-    spec = dvc[name]
+    spec = _dvc(pipeline)[name]
     outs = _paths(spec.get("outs")) | _paths(spec.get("metrics")) | _paths(spec.get("plots"))
     assert {str(o) for o in io.outputs} == outs
     deps = list(spec.get("deps") or [])
@@ -71,7 +95,7 @@ def test_stage_io_agrees_with_dvc_yaml(dvc, name):
         assert any(_covers(d, path) for d in data_deps), f"{name}: {path} is not a dvc.yaml dep"
     for d in data_deps:
         assert any(_covers(d, path) for path in declared), f"{name}: dvc.yaml dep {d} is not declared"
-    assert set(io.params) == set(spec.get("params") or [])
+    assert set(io.params) == _params_of(spec, params_file)
 
 
 def test_stage_io_takes_keywords_only_by_name():
@@ -107,7 +131,7 @@ def test_flow_cache_keys_cover_the_tokenizer(tmp_path):
     tok_file.write_text('{"v": 2}')
     assert stages.stage_key("finetune", p, role="target", out_dir=None) != before
     src = (ROOT / "flows" / "pipelines.py").read_text()
-    for flow in ("def tofu_pipeline", "def requests_pipeline"):
+    for flow in ("def benchmark_pipeline", "def requests_pipeline"):
         body = src[src.index(flow):]
         assert body.index("tokenizer_task") < body.index("validate_task(") < body.index("finetune_task"), flow
 

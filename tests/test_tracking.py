@@ -74,7 +74,7 @@ def submit(p, model_dir, report_dir, fq, mu, hashes=HASHES_A, request_ids=("req-
 
 # --------------------------------------------------------------------------- configuration (no store)
 # The gate itself (unlearn.gate) is tested in tests/test_gate.py.
-GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
+GATE = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9, "max_abs_privleak": 25.0}
 
 
 def test_gate_config_defaults_and_overrides():

@@ -340,3 +340,51 @@ def test_stage_counts_truncation_with_the_model_tokenizer(clean, small_tok, tmp_
     small_tok.save_pretrained(ckpt)
     res = stages.validate(_params(tmp_path / "ckpt", out, max_length=4096, path=str(ckpt)))
     assert res["truncation"]["tokenizer"] == str(ckpt) and res["truncation"]["truncated"] == 0
+
+
+# --------------------------------------------------------------------------- the holdout split
+
+HOLDOUT = "holdout10"
+
+
+def test_gate_checks_the_holdout_split_of_the_forget_split():
+    assert gate_splits("forget10")[-1] == "holdout10" and gate_splits("forget01")[-1] == "holdout01"
+    assert "holdout" not in " ".join(gate_splits("forget05")[:-1])
+
+
+def test_holdout_row_of_a_full_author_or_question(clean):
+    splits, manifest, _ = clean
+    bad = copy.deepcopy(splits)
+    author_row, question_row = bad[HOLDOUT][2], bad[HOLDOUT][5]
+    author_row["author_id"] = bad["full"][0]["author_id"]
+    question_row["question"] = bad["full"][7]["question"]
+    report = _run(bad, None)
+    a = _only(report, HOLDOUT, "expect_column_values_to_not_be_in_set", "author_id")
+    q = _only(report, HOLDOUT, "expect_column_values_to_not_be_in_set", "question")
+    assert a["rows"] == [author_row["id"]] and q["rows"] == [question_row["id"]]
+    assert "never trained on" in a["message"] and "of full" in q["message"]
+    assert not [f for f in report.failures if f["split"] != HOLDOUT], report.render()
+    assert HOLDOUT in report.render() and question_row["id"] in report.render()
+
+
+def test_holdout_split_with_more_authors_than_the_forget_split(clean):
+    splits, _, _ = clean
+    bad = copy.deepcopy(splits)
+    extra = copy.deepcopy(bad[HOLDOUT][0])
+    extra.update(id="syn-h001-q00", author_id="syn-h001")
+    bad[HOLDOUT].append(extra)
+    report = _run(bad, None)
+    f = _only(report, HOLDOUT, "expect_column_unique_value_count_to_be_between", "author_id")
+    assert f["observed"] == 2 and f["expected"] == {"min_value": 1, "max_value": 1}
+    assert "as many as forget10" in f["message"]
+
+
+def test_missing_holdout_file_fails_the_gate(clean, tmp_path):
+    splits, _, _ = clean
+    out = tmp_path / "splits"
+    write_splits(splits, out)
+    (out / f"{HOLDOUT}.json").unlink()
+    report = run_validation(_params(tmp_path, out))
+    assert not report.success
+    f = _only(report, HOLDOUT, "split_exists")
+    assert f"{HOLDOUT}.json" in f["message"]

@@ -126,8 +126,11 @@ def cache_key(
 
 
 # --------------------------------------------------------------------------- storage
-def expected_schema(part: str, n: int, max_length: int, top_k: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a ``part`` ("forget" | "retain") cache file must hold, and no other."""
+def expected_schema(part: str, n: int, max_length: int, top_k: int, with_idk: bool = True,
+                    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a ``part`` ("forget" | "retain") cache file must hold, and no other.
+
+    ``with_idk``: the forget part holds the refusal answers' log-probs (a benchmark without refusals has none)."""
     if part not in ("forget", "retain"):
         raise ValueError(f"part must be 'forget' or 'retain', got {part!r}")
     S = max_length - 1
@@ -138,7 +141,7 @@ def expected_schema(part: str, n: int, max_length: int, top_k: int) -> dict[str,
         "topk_logp": ((n, S, top_k), torch.float16),
         "lse": ((n, S), torch.float32),
     }
-    if part == "forget":
+    if part == "forget" and with_idk:
         schema["idk_seq_logp"] = ((n,), torch.float32)
     return schema
 
@@ -279,7 +282,7 @@ class ReferenceCache:
         f = self.forget
         ref = {
             "seq_logp": f["seq_logp"][fi],
-            "idk_seq_logp": f["idk_seq_logp"][fi],
+            **({"idk_seq_logp": f["idk_seq_logp"][fi]} if "idk_seq_logp" in f else {}),
             "label_logp": f["label_logp"][fi, :S],
             "topk_ids": f["topk_ids"][fi, :S].long(),
             "topk_logp": f["topk_logp"][fi, :S].float(),
@@ -299,8 +302,13 @@ def ensure_cache(
     *, cache_dir: str | Path, model_dir: str | Path, tokenizer, forget_rows: Sequence[dict], retain_rows: Sequence[dict],
     refusals: Sequence[str], seed: int, max_length: int, top_k: int, with_retain: bool, batch_size: int = 32,
     model=None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mixed_precision: str = "no",
+    encoded=None,
 ) -> ReferenceCache:
     """Load the cache for these inputs, or compute and store it (loading the reference model only then).
+
+    ``encoded`` (:class:`unlearn.benchmark.EncodedInputs`): the examples as the
+    benchmark encodes them (MUSE: text chunks); without it the rows are QA pairs,
+    encoded here with their refusals. The key is the encoded ids either way.
 
     ``dtype`` is the reference's parameter dtype (default: ``model``'s, else
     float32, what ``load_model`` gives); ``device`` and ``mixed_precision``
@@ -323,13 +331,16 @@ def ensure_cache(
     mh, th = model_hash(model_dir), tokenizer_hash(tokenizer)
     common = dict(model_hash=mh, tok_hash=th, max_length=max_length, top_k=top_k, dtype=dtype,
                   device_type=dev.type, mixed_precision=mixed_precision)
-    fq = [r["question"] for r in forget_rows]
-    enc_f = formatting.encode_many(tokenizer, fq, [r["answer"] for r in forget_rows], max_length)
-    enc_i = formatting.encode_many(tokenizer, fq, idk_answers(len(forget_rows), refusals, seed), max_length)
+    if encoded is not None:
+        enc_f, enc_r, enc_i = list(encoded.forget), list(encoded.retain), list(encoded.idk)
+    else:
+        fq = [r["question"] for r in forget_rows]
+        enc_f = formatting.encode_many(tokenizer, fq, [r["answer"] for r in forget_rows], max_length)
+        enc_i = formatting.encode_many(tokenizer, fq, idk_answers(len(forget_rows), refusals, seed), max_length)
+        enc_r = formatting.encode_many(tokenizer, [r["question"] for r in retain_rows],
+                                       [r["answer"] for r in retain_rows], max_length) if with_retain else []
     parts = [("forget", cache_key(encoded=enc_f, idk_encoded=enc_i, part="forget", **common), enc_f)]
     if with_retain:
-        enc_r = formatting.encode_many(tokenizer, [r["question"] for r in retain_rows],
-                                       [r["answer"] for r in retain_rows], max_length)
         parts.append(("retain", cache_key(encoded=enc_r, part="retain", **common), enc_r))
     run = dict(max_length=max_length, top_k=top_k, batch_size=batch_size, device=dev, mixed_precision=mixed_precision)
     loaded: dict[str, dict[str, torch.Tensor]] = {}
@@ -337,14 +348,14 @@ def ensure_cache(
     for part, key, enc in parts:
         path = cache_dir / f"{part}-{key[:24]}.safetensors"
         paths.append(path)
-        tensors = load_tensors(path, key, expected_schema(part, len(enc), max_length, top_k))
+        tensors = load_tensors(path, key, expected_schema(part, len(enc), max_length, top_k, with_idk=bool(enc_i)))
         if tensors is None:
             if model is None:
                 model = load_model(model_dir, dtype=dtype)
             log.info("computing reference %s cache (%d rows, %s, %s, mixed precision %s) -> %s", part, len(enc),
                      dtype, dev.type, mixed_precision, path)
             tensors = reference_pass(model, tokenizer, encoded=enc, desc=f"reference {part}", **run)
-            if part == "forget":
+            if part == "forget" and enc_i:
                 idk_t = reference_pass(model, tokenizer, encoded=enc_i, with_topk=False, desc="reference idk", **run)
                 tensors["idk_seq_logp"] = idk_t["seq_logp"]
             save_tensors(path, tensors, key)

@@ -109,15 +109,17 @@ def _print_table(title: str, rows: list[tuple[str, object]]) -> None:
 @app.command()
 @friendly_errors
 def prepare(params: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """Load TOFU-format data from data.source (synthetic | local | hub), validate it, and write every split
-    (full, forgetXX, retainXX, *_perturbed, real_authors, world_facts) as JSON under data.out_dir."""
+    """Load the benchmark's data from data.source (synthetic | local | hub), validate it, and write every split as
+    JSON under data.out_dir. TOFU: full, forgetXX, retainXX, holdoutXX, *_perturbed, real_authors, world_facts;
+    MUSE (--params muse/params.yaml): fold1..4, privleak_*, verbmem_forget, knowmem_*."""
     _setup()
     from . import stages
 
     p = _params(params, set_)
     out = stages.prepare(p)
     manifest = json.loads((out / "manifest.json").read_text())
-    _print_table(f"splits in {out}", [(k, f"{v['rows']} rows, {v['authors']} authors") for k, v in manifest.items()])
+    _print_table(f"splits in {out}", [(k, f"{v['rows']} rows" + (f", {v['authors']} authors" if v.get("authors") else ""))
+                                        for k, v in manifest.items()])
 
 
 @app.command()
@@ -204,17 +206,40 @@ def evaluate(
     target: Annotated[Optional[Path], typer.Option(help="target model, for side-by-side answers in the report")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output directory (default reports/eval/<name>)")] = None,
 ) -> None:
-    """TOFU evaluation: forget quality (KS test against the retain model), model utility (hmean of 9 parts),
-    probabilities, ROUGE-L, truth ratios, exact memorisation, extraction strength. Writes metrics.json,
-    per_example.jsonl and report.md/.html with a truth-ratio histogram."""
+    """Evaluate a model on the configured benchmark. TOFU: forget quality (KS test against the retain model),
+    model utility (hmean of 9 parts), probabilities, ROUGE-L, truth ratios, exact memorisation, extraction
+    strength, MIA AUCs and privacy leakage. MUSE (--params muse/params.yaml): VerbMem, KnowMem on forget and
+    retain QA, MIA AUCs (loss, zlib, Min-K%, Min-K%++) and PrivLeak against the retain model. Writes
+    metrics.json, per_example.jsonl and report.md/.html with a plot."""
     _setup()
     from . import stages
 
     p = _params(params, set_)
     res = stages.evaluate(p, model, name or model.name, retain, target, out)
-    _print_table(f"TOFU metrics: {model}", list(res.metrics.items()))
+    _print_table(f"{p.benchmark.upper()} metrics: {model}", list(res.metrics.items()))
     for k, v in res.notes.items():
         typer.echo(f"note [{k}]: {v}")
+
+
+@app.command()
+@friendly_errors
+def sequence(
+    kind: Annotated[str, typer.Argument(help="sustainability | scalability")],
+    params: ParamsOpt = Path("muse/params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """MUSE's sequences with method.name: sustainability (unlearn fold 1, then fold 2 from that model, ... fold 4)
+    or scalability (unlearn fold 1, folds 1-2, folds 1-3, each from the target). Evaluates every step; writes
+    <reports_dir>/sequences/<kind>.json and <kind>.png (every metric against requests / forget-set size). Needs
+    the target, its evaluation and the retain model's evaluation (`dvc repro muse/dvc.yaml` builds them)."""
+    _setup()
+    from . import stages
+
+    if kind not in stages.SEQUENCES:
+        raise typer.BadParameter(f"KIND must be one of {', '.join(stages.SEQUENCES)}")
+    points = stages.sequence(_params(params, set_), kind)
+    keys = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+    _print_table(f"MUSE {kind}", [(pt["forget_set"], "  ".join(f"{k}={pt.get(k)}" for k in keys)) for pt in points])
 
 
 @app.command()

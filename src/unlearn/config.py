@@ -67,8 +67,10 @@ class DataCfg(_Strict):
     local_dir: str = Field("../shared/data/tofu",
                            description="source=local: directory of TOFU JSON/JSONL files (relative to the project root)")
     hub_id: str = Field("locuslab/TOFU", description="source=hub: dataset id for datasets.load_dataset(hub_id, split)")
-    forget_split: Literal["forget01", "forget05", "forget10", "forget_requests"] = Field(
-        "forget10", description="split to unlearn; its retain split is the complement (forget_requests: the request flow's)")
+    forget_split: Literal["forget01", "forget05", "forget10", "forget_requests",
+                          "fold1", "fold2", "fold3", "fold4", "fold1-2", "fold1-3", "fold1-4"] = Field(
+        "forget10", description="TOFU: split to unlearn, its retain split is the complement (forget_requests: the "
+                                "request flow's); MUSE: fold(s) to unlearn, the later folds are kept")
     synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg, description="source=synthetic: the generator's knobs")
 
     @property
@@ -224,11 +226,46 @@ class EvalCfg(_Strict):
     report_examples: int = Field(5, description="forget questions shown side by side in the report")
 
 
+class MuseSyntheticCfg(_Strict):
+    """``muse.synthetic``: the generator of fictitious MUSE-format news (``benchmark: muse``, ``data.source: synthetic``)."""
+
+    articles_per_fold: int = Field(12, ge=2, description="articles in each of the four folds (fold1 is the forget set)")
+    retain_articles: int = Field(12, ge=2, description="articles always trained on (privleak_retain; knowmem_retain_qa asks about them)")
+    holdout_articles: int = Field(12, ge=2, description="articles never trained on (privleak_holdout, the non-members)")
+    sentences_per_article: int = Field(8, ge=3, description="fact sentences per article")
+    qa_per_article: int = Field(2, ge=1, description="knowmem questions per forget / retain article")
+    icl_examples: int = Field(3, ge=0, description="few-shot QA pairs prepended to every knowmem question")
+    seed: int = Field(0, description="seed of the generator")
+
+
+class MuseEvalCfg(_Strict):
+    """``muse.eval``: MUSE's metrics (Shi et al. 2024), as the benchmark defines them."""
+
+    verbmem_max_new_tokens: int = Field(128, ge=1, description="VerbMem: greedy continuation length; the truth is cut to as many tokens")
+    knowmem_max_new_tokens: int = Field(32, ge=1, description="KnowMem: longest greedy answer (cut at a blank line or the next 'Question')")
+    mink_k: float = Field(0.4, gt=0, le=1, description="Min-K% / Min-K%++: share of the lowest-scoring tokens averaged")
+    privleak_attack: Literal["loss", "zlib", "min_k", "min_k++"] = Field(
+        "min_k", description="the membership-inference score PrivLeak is computed from (MUSE: Min-K%)")
+    examples: int | None = Field(None, ge=1, description="cap on rows per evaluation split (null: all)")
+
+
+class MuseCfg(_Strict):
+    """``muse``: what only the MUSE benchmark reads (``benchmark: muse``)."""
+
+    synthetic: MuseSyntheticCfg = Field(default_factory=MuseSyntheticCfg, description="data.source=synthetic: the generator's knobs")
+    max_articles: int | None = Field(
+        None, ge=1, description="source=local/hub: keep the first N articles of each fold and of privleak_retain, and "
+                                "only the evaluation rows found in the kept text (a CPU-sized run); null: everything")
+    eval: MuseEvalCfg = Field(default_factory=MuseEvalCfg, description="MUSE's metrics")
+
+
 class GateCfg(_NullMeansDefault):
     """``gate``: a model is registered only if it passes both thresholds (:func:`unlearn.tracking.gate_decision`)."""
 
     min_forget_quality: float = Field(0.05, ge=0, le=1, description="lowest forget quality (KS p-value against the retain model)")
     min_utility_ratio: float = Field(0.9, ge=0, description="model utility must be >= this ratio x the target model's")
+    max_abs_privleak: float = Field(
+        25.0, ge=0, description="MUSE: |PrivLeak| (percent, 0 = the retain model) must be at most this")
 
 
 class MlflowCfg(_NullMeansDefault):
@@ -279,7 +316,7 @@ _NULL_IS_EMPTY = ("gate", "tracking", "requests")
 class Params(_Strict):
     """The whole of ``params.yaml``. Stages take the sections they read (``p.method``, ``p.gate``...)."""
 
-    benchmark: Literal["tofu"] = Field("tofu", description="the benchmark whose data, metrics and gate the pipeline runs")
+    benchmark: Literal["tofu", "muse"] = Field("tofu", description="the benchmark whose data, metrics and gate the pipeline runs")
     seed: int = Field(0, description="seed of training order, initialisation and IdK answer choice")
     reports_dir: str = Field("reports", description="metrics, loss logs, evaluation reports (DVC metrics/plots)")
     data: DataCfg = Field(default_factory=DataCfg, description="where the QA rows come from and where the splits go")
@@ -287,7 +324,8 @@ class Params(_Strict):
     finetune: FinetuneCfg = Field(default_factory=FinetuneCfg, description="training the target and retain models")
     method: MethodCfg = Field(default_factory=MethodCfg, description="the unlearning method and its run")
     cache: CacheCfg = Field(default_factory=CacheCfg, description="reference tensors of the target model")
-    eval: EvalCfg = Field(default_factory=EvalCfg, description="the TOFU evaluation")
+    eval: EvalCfg = Field(default_factory=EvalCfg, description="the evaluation (batching, generation, report)")
+    muse: MuseCfg = Field(default_factory=MuseCfg, description="MUSE's generator and metrics (benchmark: muse)")
     gate: GateCfg = Field(default_factory=GateCfg, description="thresholds a model must pass to be registered")
     tracking: MlflowCfg = Field(default_factory=MlflowCfg, description="MLflow store, experiment and registered model")
     requests: RequestsCfg = Field(default_factory=RequestsCfg, description="deletion-request ledger, inbox and schedule")

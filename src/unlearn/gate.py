@@ -4,12 +4,14 @@ Kept apart from :mod:`unlearn.tracking` (which logs and registers through MLflow
 so the rules that decide what may be served can be read, tested and reused
 without a tracking store: a second benchmark gates on the same two rules.
 
-* :func:`gate_decision`: a model passes iff ``forget_quality >= min_forget_quality``
-  and ``model_utility >= min_utility_ratio x`` the target model's utility. A
-  missing (None) or non-finite metric fails, with the reason.
+* :func:`gate_decision`: a model passes iff its forget metric passes its bound
+  (TOFU: ``forget_quality >= min_forget_quality``; MUSE: ``|privleak| <= max_abs_privleak``)
+  and its utility ``>= min_utility_ratio x`` the target model's (TOFU: model
+  utility; MUSE: KnowMem on the retain set). A missing (None) or non-finite
+  metric fails, with the reason.
 * :func:`at_least_as_good`: a new version takes the champion alias of its forget
-  set iff its forget quality AND its utility are both >= the champion's (ties go
-  to the newer model).
+  set iff its forget metric is at least as good (TOFU: higher; MUSE: closer to 0)
+  AND its utility is >= the champion's (ties go to the newer model).
 """
 
 from __future__ import annotations
@@ -17,21 +19,34 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
 
 @dataclass(frozen=True)
 class GateMetrics:
-    """Which metrics of a benchmark's ``metrics.json`` the two rules read (each benchmark names its own).
+    """Which metrics of a benchmark's ``metrics.json`` the two rules read, and how (each benchmark names its own).
 
-    ``forget`` must reach ``gate.min_forget_quality``; ``utility`` must reach
-    ``gate.min_utility_ratio`` times the target model's value. TOFU's are the defaults.
+    ``forget_rule`` ``min``: ``forget`` must reach ``gate.min_forget_quality`` (TOFU's KS
+    p-value); ``abs_max``: ``|forget|`` must be at most ``gate.max_abs_privleak`` (MUSE's
+    PrivLeak, 0 = the retain model). ``utility`` must reach ``gate.min_utility_ratio``
+    times the target model's value. TOFU's are the defaults.
     """
 
     forget: str = "forget_quality"
     utility: str = "model_utility"
+    forget_rule: Literal["min", "abs_max"] = "min"
+
+    @property
+    def forget_bound(self) -> str:
+        """The ``gate:`` key of the forget metric's bound."""
+        return "min_forget_quality" if self.forget_rule == "min" else "max_abs_privleak"
+
+    def forget_score(self, value: float) -> float:
+        """Higher is better: the metric itself (``min``), or minus its distance from 0 (``abs_max``)."""
+        return value if self.forget_rule == "min" else -abs(value)
 
 
-DEFAULT_GATE: dict[str, float] = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9}
+DEFAULT_GATE: dict[str, float] = {"min_forget_quality": 0.05, "min_utility_ratio": 0.9, "max_abs_privleak": 25.0}
 """The thresholds used when ``params.yaml`` leaves a gate key out."""
 
 CHAMPION_METRICS: tuple[str, ...] = ("forget_quality", "model_utility")
@@ -63,7 +78,7 @@ class GateDecision:
 
 def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] | None,
                   gate: Mapping[str, float] | None = None, names: GateMetrics = GateMetrics()) -> GateDecision:
-    """Pass iff forget_quality >= min_forget_quality and model_utility >= min_utility_ratio * target's.
+    """Pass iff the forget metric passes its bound (see :class:`GateMetrics`) and utility >= min_utility_ratio * target's.
 
     Every failed condition adds a reason; a None (or missing, or non-finite) metric fails with a reason.
     ``gate`` values that are None fall back to :data:`DEFAULT_GATE`.
@@ -71,10 +86,13 @@ def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] 
     g = {**DEFAULT_GATE, **{k: float(v) for k, v in (gate or {}).items() if v is not None}}
     reasons = []
     fq = as_float(metrics.get(names.forget))
+    bound = g[names.forget_bound]
     if fq is None:
-        reasons.append(f"{names.forget} is missing (None): cannot check the forget-quality gate")
-    elif fq < g["min_forget_quality"]:
-        reasons.append(f"{names.forget} {fq:.4g} < min_forget_quality {g['min_forget_quality']:.4g}")
+        reasons.append(f"{names.forget} is missing (None): cannot check the {names.forget_bound} gate")
+    elif names.forget_rule == "min" and fq < bound:
+        reasons.append(f"{names.forget} {fq:.4g} < {names.forget_bound} {bound:.4g}")
+    elif names.forget_rule == "abs_max" and abs(fq) > bound:
+        reasons.append(f"|{names.forget}| {abs(fq):.4g} > {names.forget_bound} {bound:.4g}")
     mu = as_float(metrics.get(names.utility))
     tmu = as_float((target_metrics or {}).get(names.utility))
     if mu is None:
@@ -91,11 +109,12 @@ def gate_decision(metrics: Mapping[str, Any], target_metrics: Mapping[str, Any] 
 
 
 def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any], names: GateMetrics = GateMetrics()) -> bool:
-    """The champion rule: forget metric >= champion's AND utility >= champion's (a missing champion value loses)."""
-    for k in (names.forget, names.utility):
+    """The champion rule: forget metric at least as good as the champion's (:meth:`GateMetrics.forget_score`) AND
+    utility >= champion's (a missing value of the new model loses; a missing champion value does not count)."""
+    for k, score in ((names.forget, names.forget_score), (names.utility, float)):
         a, b = as_float(new.get(k)), as_float(champion.get(k))
         if a is None:
             return False
-        if b is not None and a < b:
+        if b is not None and score(a) < score(b):
             return False
     return True

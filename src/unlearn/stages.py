@@ -125,7 +125,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     import shutil
 
     from .models.build import save_model
-    from .models.formatting import collate, encode_many
+    from .models.formatting import collate
     from .models.scoring import mean_nll
     from .train import LoopCfg, make_accelerator, train_loop
 
@@ -134,16 +134,15 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     default_out = model_dir(p, role)
     out = Path(out_dir) if out_dir else default_out
-    rows = benchmark_of(p).training_rows(p, role)
     model, tok = base_model_and_tokenizer(p)
-    enc = encode_many(tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
+    enc = benchmark_of(p).training_examples(p, role, tok)
 
     def step_loss(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return mean_nll(logits, batch["labels"], batch.get("n_tokens")), {}
 
     n_params = sum(x.numel() for x in model.parameters())
-    log.info("fine-tuning %s: %d rows, %.2fM parameters, %d process(es)", role, len(rows), n_params / 1e6,
+    log.info("fine-tuning %s: %d examples, %.2fM parameters, %d process(es)", role, len(enc), n_params / 1e6,
              acc.num_processes)
     run_key = {"stage": "finetune", "role": role, "model": p.model.path or p.model.arch.model_dump(),
                "rows": encoded_hash(enc)}
@@ -157,7 +156,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     save_model(model, tok, out)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
-    summary.update(role=role, rows=len(rows), parameters=n_params, world_size=acc.num_processes,
+    summary.update(role=role, rows=len(enc), parameters=n_params, world_size=acc.num_processes,
                    final_loss=loss_log[-1]["loss"] if loss_log else None)
     rdir = run_reports_dir(p, out, default_out, "finetune")
     write_json(rdir / f"{role}.json", summary)
@@ -166,22 +165,8 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
 
 
 def memorisation_summary(p: Params, model, tok) -> dict[str, float]:
-    """Mean length-normalised answer probability on the forget and retain splits.
-
-    The target must memorise its data (forget prob close to 1); the retain model
-    never saw the forget authors, so its forget prob must be low.
-    """
-    from .models.scoring import length_normalised_prob, score_answers
-
-    splits = read_splits(p, [p.data.forget_split, p.data.retain_split])
-    out = {}
-    for key, name in (("forget_prob", p.data.forget_split), ("retain_prob", p.data.retain_split)):
-        rows = splits[name]
-        if len(rows) > 400:  # a stable subsample is enough for a summary
-            rows = random.Random(0).sample(rows, 400)
-        nll, n = score_answers(model, tok, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
-        out[key] = float(np.mean(length_normalised_prob(nll, n)))
-    return out
+    """``forget_prob`` / ``retain_prob`` of ``model``: the benchmark's measure of what it memorised."""
+    return benchmark_of(p).memorisation(p, model, tok)
 
 
 def set_threads() -> None:
@@ -239,10 +224,12 @@ def cache(
             "split: set cache.retain=true (e.g. --set cache.retain=true) so the cache stage computes it"
         )
     prec = resolve_precision(device, mixed_precision)
+    tok = load_tokenizer(target_dir)
     return ensure_cache(
-        cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=load_tokenizer(target_dir), forget_rows=forget_rows,
+        cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=tok, forget_rows=forget_rows,
         retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
         with_retain=with_retain, device=prec.device, mixed_precision=prec.mixed_precision,
+        encoded=benchmark_of(p).encode_inputs(p, tok, inputs),
     )
 
 
@@ -262,10 +249,10 @@ def forget(
     """
     import shutil
 
-    from .cache import LiveReference, idk_answers
+    from .cache import LiveReference
     from .methods.registry import get_method
     from .models.build import load_model, load_tokenizer, save_model, weights_hash
-    from .models.formatting import collate, encode_many
+    from .models.formatting import collate
     from .train import LoopCfg, main_process_first, make_accelerator, train_loop
 
     m = p.method
@@ -277,15 +264,13 @@ def forget(
     out = Path(out_dir) if out_dir else default_out
     tok = load_tokenizer(target_dir)
     model = load_model(target_dir)
-    inputs = forget_inputs(p)
-    forget_rows, retain_rows, refusals = inputs.forget, inputs.retain, inputs.refusals
-    L = p.model.max_length
-    enc_f = encode_many(tok, [r["question"] for r in forget_rows], [r["answer"] for r in forget_rows], L)
-    enc_r = encode_many(tok, [r["question"] for r in retain_rows], [r["answer"] for r in retain_rows], L)
-    idk = idk_answers(len(forget_rows), refusals, p.seed)
-    enc_i = encode_many(tok, [r["question"] for r in forget_rows], idk, L)
+    encoded = benchmark_of(p).encode_inputs(p, tok, forget_inputs(p))
+    enc_f, enc_r, enc_i = encoded.forget, encoded.retain, encoded.idk
 
     needs = method.needs_for(m)
+    if not enc_i and "idk" in needs:
+        raise ValueError(f"method {method.name} needs refusal answers to the forget questions, which benchmark "
+                         f"{p.benchmark} does not have (its forget set is raw text): choose another method")
     from .methods.registry import REF_KEYS
 
     needs_ref = bool(needs & set(REF_KEYS))  # a reference quantity, not only batch parts (retain, idk)
@@ -307,9 +292,10 @@ def forget(
         # per-epoch permutation, so every retain row is visited over the epochs.
         perm = torch.randperm(max(n_r, 1), generator=torch.Generator().manual_seed(p.seed * 1000 + epoch))
         r_idx = [int(perm[(epoch * n_f + i) % max(n_r, 1)]) for i in idx] if n_r else []
-        width = max(max(len(enc_f[i].input_ids), len(enc_i[i].input_ids)) for i in idx)
-        batch = {"forget": collate([enc_f[i] for i in idx], tok.pad_token_id, pad_to=width),
-                 "idk": collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)}
+        width = max(max(len(enc_f[i].input_ids), len(enc_i[i].input_ids) if enc_i else 0) for i in idx)
+        batch = {"forget": collate([enc_f[i] for i in idx], tok.pad_token_id, pad_to=width)}
+        if enc_i:
+            batch["idk"] = collate([enc_i[i] for i in idx], tok.pad_token_id, pad_to=width)
         if n_r:
             batch["retain"] = collate([enc_r[i] for i in r_idx], tok.pad_token_id)
         if ref_cache is not None:
@@ -394,7 +380,11 @@ def evaluate(
 
 
 def write_tradeoff(p: Params, extra: dict[str, dict] | None = None) -> Path:
-    """Forget quality vs model utility for every evaluated model: the trade-off plot's data."""
+    """The benchmark's forget metric vs its utility for every evaluated model: the trade-off plot's data.
+
+    TOFU: forget quality vs model utility; MUSE: PrivLeak vs KnowMem on the retain QA (the gate's two metrics).
+    """
+    names = benchmark_of(p).gate_metrics
     points = []
     metrics = {}
     for name in ("target", "retain"):
@@ -404,11 +394,119 @@ def write_tradeoff(p: Params, extra: dict[str, dict] | None = None) -> Path:
     metrics.update(extra or {})
     for name, m in metrics.items():
         label = f"{name} ({p.method.name})" if name == "unlearned" else name
-        points.append({"model": label, "forget_quality": m.get("forget_quality"), "model_utility": m.get("model_utility"),
-                       "forget_prob": m.get("forget_prob")})
+        point = {"model": label, names.forget: m.get(names.forget), names.utility: m.get(names.utility)}
+        if "forget_prob" in m:
+            point["forget_prob"] = m.get("forget_prob")
+        points.append(point)
     out = reports_dir(p) / "eval" / "tradeoff.json"
     write_json(out, points)
     return out
+
+
+# --------------------------------------------------------------------------- MUSE's request sequences
+SEQUENCES = ("sustainability", "scalability")
+"""MUSE's two sequences: unlearning requests one after another, and forget sets of growing size."""
+
+
+def sequence_steps(kind: str) -> list[str]:
+    """The forget sets of a sequence, in order: each fold after the previous model (sustainability), or nested
+    unions of folds, each from the target (scalability; MUSE's scal/forget_1..3 are not public)."""
+    if kind == "sustainability":
+        return ["fold1", "fold2", "fold3", "fold4"]
+    if kind == "scalability":
+        return ["fold1", "fold1-2", "fold1-3"]
+    raise ValueError(f"unknown sequence {kind!r}: expected one of {', '.join(SEQUENCES)}")
+
+
+def sequence_dir(p: Params, kind: str) -> Path:
+    """Where a sequence's models go (``<model.out_dir>/<kind>/<forget set>``)."""
+    return Path(p.model.out_dir) / kind
+
+
+def sequence_reports(p: Params, kind: str) -> Path:
+    return reports_dir(p) / "sequences" / kind
+
+
+def sequence(p: Params, kind: str, *, on_step=None) -> list[dict[str, Any]]:
+    """Run MUSE's ``kind`` sequence with ``method``: unlearn, evaluate and record every step; returns the curve.
+
+    Sustainability unlearns fold 1, then fold 2 from that model, and so on, each run's
+    reference being the model it starts from; scalability unlearns fold 1, folds 1-2
+    and folds 1-3, each from the target. Every model is evaluated against the same
+    retain reference (the retain model of ``data.forget_split``, evaluated first) and
+    its utility is relative to the target's. Writes ``<reports>/sequences/<kind>.json``
+    (one point per step, every metric) and ``<kind>.png`` (every metric against the
+    number of requests / the forget-set size).
+    """
+    from .data.names import muse_folds
+
+    if p.benchmark != "muse":
+        raise ValueError(f"the {kind} sequence is MUSE's (benchmark: muse); this configuration runs {p.benchmark}")
+    target = model_dir(p, "target")
+    target_metrics_path = reports_dir(p) / "eval" / "target" / "metrics.json"
+    for need, cmd in ((target, "unlearn finetune --role target"), (target_metrics_path, "unlearn evaluate <target>"),
+                      (eval_reference_dir(p), "unlearn evaluate <retain> --name retain")):
+        if not Path(need).exists():
+            raise FileNotFoundError(f"no {need}: run `{cmd}` (or `dvc repro`) first")
+    target_metrics = read_json(target_metrics_path)
+    start = target
+    manifest = read_json(Path(p.data.out_dir) / "manifest.json")
+    points = [{"step": 0, "forget_set": "none (target)", "requests": 0, "forget_articles": 0, **target_metrics}]
+    for i, fs in enumerate(sequence_steps(kind), start=1):
+        # The sequence's reference caches live with its models: the cache stage's directory is another stage's output.
+        step_p = p.model_copy(update={"data": p.data.model_copy(update={"forget_split": fs}),
+                                      "cache": p.cache.model_copy(update={"dir": str(sequence_dir(p, kind) / "cache")})})
+        out = sequence_dir(p, kind) / fs
+        log.info("%s step %d: forget %s from %s", kind, i, fs, start)
+        forget(step_p, out, start)
+        result = evaluate(step_p, out, f"{kind}-{fs}", retain_dir=model_dir(p, "retain"), target_dir=target,
+                          out_dir=sequence_reports(p, kind) / fs)
+        m = dict(result.metrics)
+        util = benchmark_of(p).gate_metrics.utility
+        if m.get(util) is not None and target_metrics.get(util):
+            m["utility_ratio"] = m[util] / target_metrics[util]
+        point = {"step": i, "forget_set": fs, "requests": i,
+                 "forget_articles": sum(manifest[f]["rows"] for f in muse_folds(fs)), **m}
+        points.append(point)
+        if on_step is not None:
+            on_step(point)
+        if kind == "sustainability":
+            start = out
+    rdir = sequence_reports(p, kind)
+    write_json(rdir.with_suffix(".json"), points)
+    plot_sequence(points, kind, rdir.with_suffix(".png"))
+    return points
+
+
+def plot_sequence(points: list[dict[str, Any]], kind: str, path: Path) -> Path:
+    """Every metric of a sequence against its x axis (requests so far, or forget-set size in articles)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, x_label = (("requests", "unlearning requests so far") if kind == "sustainability"
+                      else ("forget_articles", "forget-set size (articles)"))
+    metrics = [k for k in ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak", "utility_ratio")
+               if any(isinstance(pt.get(k), (int, float)) for pt in points)]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(3.2 * max(len(metrics), 1), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], metrics):
+        xs = [pt[x_key] for pt in points if isinstance(pt.get(k), (int, float))]
+        ys = [pt[k] for pt in points if isinstance(pt.get(k), (int, float))]
+        ax.plot(xs, ys, marker="o")
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.grid(alpha=0.3)
+        if k == "privleak":
+            ax.axhline(0, color="grey", lw=0.8, ls="--")
+    fig.suptitle(f"MUSE {kind} (step 0 = the target model)", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 # --------------------------------------------------------------------------- data validation gate
@@ -581,8 +679,9 @@ class StageIO:
     """Files that must exist before it runs (the validation gate's result) without changing its outputs."""
 
 
-EVAL_FILES = ("per_example.jsonl", "report.md", "report.html", "truth_ratio_hist.png", "notes.json", "metrics.json")
-"""What :func:`evaluate` writes into its output directory."""
+def eval_files(p: Params) -> tuple[str, ...]:
+    """What :func:`evaluate` writes into its output directory (the benchmark's report files)."""
+    return benchmark_of(p).eval_files
 
 
 def _param_values(p: Params, keys: list[str]) -> dict[str, Any]:
@@ -597,6 +696,11 @@ def _param_values(p: Params, keys: list[str]) -> dict[str, Any]:
     return out
 
 
+def _extra_params(p: Params, stage: str) -> tuple[str, ...]:
+    """The params ``stage`` reads that only this benchmark has (MUSE's generator and metrics)."""
+    return benchmark_of(p).extra_params.get(stage, ())
+
+
 def _tokenizer_input(p: Params) -> list[Path]:
     """The trained tokenizer a stage reads (none with model.path: the checkpoint's own comes with it)."""
     return [] if p.model.path else [tokenizer_dir(p) / "tokenizer.json"]
@@ -604,7 +708,7 @@ def _tokenizer_input(p: Params) -> list[Path]:
 
 def _io_prepare(p: Params) -> StageIO:
     inputs = [Path(p.data.local_dir)] if p.data.source == "local" else []
-    return StageIO(inputs, [Path(p.data.out_dir)], _param_values(p, ["benchmark", "data"]),
+    return StageIO(inputs, [Path(p.data.out_dir)], _param_values(p, ["benchmark", "data", *_extra_params(p, "prepare")]),
                    code=["src/unlearn/benchmark", "src/unlearn/data"])
 
 
@@ -618,8 +722,9 @@ def _io_validate(p: Params) -> StageIO:
     from .data.validate import result_path
 
     return StageIO([Path(p.data.out_dir), *_tokenizer_input(p)], [result_path(p)],
-                   _param_values(p, ["benchmark", "data.forget_split", "model.max_length", "model.path"]),
-                   code=["src/unlearn/benchmark", "src/unlearn/data/validate.py", "src/unlearn/models/formatting.py",
+                   _param_values(p, ["benchmark", "data.forget_split", "model.max_length", "model.path",
+                                     *_extra_params(p, "validate")]),
+                   code=["src/unlearn/benchmark", *benchmark_of(p).validate_code, "src/unlearn/models/formatting.py",
                          "src/unlearn/models/truncation.py"])
 
 
@@ -669,7 +774,7 @@ def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: st
     also shows target answers when the target exists, which dvc.yaml leaves out as report-only."""
     out = Path(out_dir) if out_dir else reports_dir(p) / "eval" / name
     ref = eval_reference_dir(p)
-    inputs, outputs = [Path(p.data.out_dir), Path(model_path)], [out / f for f in EVAL_FILES]
+    inputs, outputs = [Path(p.data.out_dir), Path(model_path)], [out / f for f in eval_files(p)]
     if name == "retain":
         outputs.append(ref)
     else:
@@ -678,7 +783,8 @@ def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: st
         target = Path(target_dir) if target_dir is not None else model_dir(p, "target")
         inputs += [target, reports_dir(p) / "eval" / "target" / "metrics.json"]
         outputs.append(reports_dir(p) / "eval" / "tradeoff.json")
-    return StageIO(inputs, outputs, _param_values(p, ["benchmark", "eval", "model.max_length", "data.forget_split"]),
+    return StageIO(inputs, outputs, _param_values(p, ["benchmark", "eval", "model.max_length", "data.forget_split",
+                                                      *_extra_params(p, "evaluate")]),
                    code=["src/unlearn/benchmark", "src/unlearn/eval", "src/unlearn/models"])
 
 
@@ -694,9 +800,24 @@ def _io_register(p: Params, *, model_path: str | Path | None = None) -> StageIO:
     )
 
 
+def _io_sequence(p: Params, *, kind: str) -> StageIO:
+    """A MUSE sequence reads the data, the target (and its metrics) and the retain reference; it writes its models
+    and its reports (every step's evaluation, the curve and its plot)."""
+    rdir = sequence_reports(p, kind)
+    return StageIO(
+        [Path(p.data.out_dir), model_dir(p, "target"), reports_dir(p) / "eval" / "target" / "metrics.json",
+         eval_reference_dir(p)],
+        [sequence_dir(p, kind), rdir, rdir.with_suffix(".json"), rdir.with_suffix(".png")],
+        _param_values(p, ["benchmark", "seed", "model.max_length", "method", "cache", "eval", *_extra_params(p, "evaluate")]),
+        code=["src/unlearn/benchmark", "src/unlearn/methods", "src/unlearn/train.py", "src/unlearn/eval",
+              "src/unlearn/models"],
+    )
+
+
 _STAGE_IO = {
     "prepare": _io_prepare, "tokenizer": _io_tokenizer, "validate": _io_validate, "finetune": _io_finetune,
     "cache": _io_cache, "forget": _io_forget, "evaluate": _io_evaluate, "register": _io_register,
+    "sequence": _io_sequence,
 }
 STAGES: tuple[str, ...] = tuple(_STAGE_IO)
 """The stage names :func:`stage_io` knows: one per stage function (``finetune`` covers target and retain)."""

@@ -221,6 +221,8 @@ def data_hashes(p: Params, lock_path: str | Path = "dvc.lock") -> dict[str, str]
     ledger), and ``dvc_md5`` when ``dvc.lock`` has it. Reads both the prepared-data
     manifest (flat) and the request-splits manifest (``{"splits": {...}}``).
     """
+    from .benchmark import get_benchmark
+    from .io import stable_hash
     from .requests.forget_set import forget_set_hash
 
     manifest_path = Path(p.data.out_dir) / "manifest.json"
@@ -229,13 +231,16 @@ def data_hashes(p: Params, lock_path: str | Path = "dvc.lock") -> dict[str, str]
     manifest = read_json(manifest_path)
     manifest = manifest.get("splits", manifest)
     out = {}
-    for key, split in (("forget_sha256", p.data.forget_split), ("retain_sha256", p.data.retain_split)):
-        if split not in manifest:
-            raise FileNotFoundError(f"{manifest_path} has no split {split!r}")
-        out[key] = manifest[split]["sha256"]
-    forget_file = Path(p.data.out_dir) / f"{p.data.forget_split}.json"
-    if forget_file.exists():
-        out["forget_set_hash"] = forget_set_hash(read_json(forget_file))
+    forget_names, retain_names = get_benchmark(p.benchmark).split_groups(p)
+    for key, names in (("forget_sha256", forget_names), ("retain_sha256", retain_names)):
+        for split in names:
+            if split not in manifest:
+                raise FileNotFoundError(f"{manifest_path} has no split {split!r}")
+        shas = [manifest[split]["sha256"] for split in names]
+        out[key] = shas[0] if len(shas) == 1 else stable_hash(shas)  # several splits (MUSE folds): one identity
+    forget_files = [Path(p.data.out_dir) / f"{name}.json" for name in forget_names]
+    if all(f.exists() for f in forget_files):
+        out["forget_set_hash"] = forget_set_hash([r for f in forget_files for r in read_json(f)])
     md5 = dvc_data_hash(lock_path, p.data.out_dir)
     if md5:
         out["dvc_md5"] = md5
@@ -277,12 +282,17 @@ def forget_row_count(p: Params) -> int | None:
     Recorded on the run and the registered version (tag ``forget_rows``) so the audit
     says how much a version forgot without reading the data again.
     """
+    from .benchmark import get_benchmark
+
     manifest_path = Path(p.data.out_dir) / "manifest.json"
     if not manifest_path.exists():
         return None
     manifest = read_json(manifest_path)
-    rows = (manifest.get("splits", manifest).get(p.data.forget_split) or {}).get("rows")
-    return int(rows) if isinstance(rows, int) and not isinstance(rows, bool) else None
+    entries = manifest.get("splits", manifest)
+    counts = [(entries.get(name) or {}).get("rows") for name in get_benchmark(p.benchmark).split_groups(p)[0]]
+    if not counts or not all(isinstance(n, int) and not isinstance(n, bool) for n in counts):
+        return None
+    return int(sum(counts))
 
 
 # --------------------------------------------------------------------------- logging a run
@@ -496,7 +506,7 @@ def _ensure_registered_model(client, name: str):
     except MlflowException:
         try:
             return client.create_registered_model(
-                name, description="Unlearned TOFU models that passed the forget-quality/utility gate "
+                name, description="Unlearned models that passed the benchmark's forget/utility gate "
                                   "(aliases: champion/challenger, per forget set: champion-<hash8>).")
         except MlflowException:  # created concurrently
             return client.get_registered_model(name)

@@ -1,4 +1,4 @@
-"""Benchmarks behind one interface: what the pipeline needs from TOFU (and, next, MUSE).
+"""Benchmarks behind one interface: what the pipeline needs from TOFU and MUSE.
 
 The stages (:mod:`unlearn.stages`) are benchmark-agnostic: they ask the configured
 benchmark (``params.yaml``: ``benchmark``) for its splits, its validation, the rows
@@ -10,10 +10,11 @@ one line in :data:`BENCHMARKS`, not ``if benchmark == ...`` branches in the stag
 from __future__ import annotations
 
 from ..gate import GateMetrics
-from .base import Benchmark, ForgetInputs
+from .base import Benchmark, EncodedInputs, ForgetInputs
+from .muse import MUSE
 from .tofu import TOFU
 
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (TOFU(),)}
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (TOFU(), MUSE())}
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -26,4 +27,4 @@ def get_benchmark(name: str) -> Benchmark:
         raise ConfigError(f"benchmark: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}") from None
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "ForgetInputs", "GateMetrics", "TOFU", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "EncodedInputs", "ForgetInputs", "GateMetrics", "MUSE", "TOFU", "get_benchmark"]

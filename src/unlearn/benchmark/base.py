@@ -8,6 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..config import Params
 from ..gate import GateMetrics
+from ..models.formatting import Encoded
 
 
 @dataclass(frozen=True)
@@ -19,12 +20,32 @@ class ForgetInputs:
     refusals: list[str]
 
 
+@dataclass(frozen=True)
+class EncodedInputs:
+    """The unlearning inputs as token ids: what the cache and the forget loop consume.
+
+    ``forget[i]`` and ``idk[i]`` belong together (the refusal answer to forget row i,
+    DPO-IdK); ``idk`` is empty for a benchmark without questions (MUSE's raw text),
+    and a method that needs refusals then fails with the reason.
+    """
+
+    forget: list[Encoded]
+    retain: list[Encoded]
+    idk: list[Encoded]
+
+
 @runtime_checkable
 class Benchmark(Protocol):
     """What a benchmark provides to the stages. Every method reads the splits the prepare stage wrote."""
 
     name: str
     gate_metrics: GateMetrics
+    eval_files: tuple[str, ...]
+    """What an evaluation writes into its output directory (the stage's declared outputs)."""
+    validate_code: tuple[str, ...]
+    """The data gate's source files."""
+    extra_params: dict[str, tuple[str, ...]]
+    """Params a stage reads beyond the ones every benchmark's stage reads (stage -> dotted keys, as dvc.yaml lists them)."""
 
     def load(self, p: Params) -> dict[str, Any]:
         """Every split from the configured source (synthetic | local | hub), validated row by row."""
@@ -40,6 +61,19 @@ class Benchmark(Protocol):
 
     def forget_inputs(self, p: Params) -> ForgetInputs:
         """The unlearning inputs of the configured forget split."""
+
+    def split_groups(self, p: Params) -> tuple[list[str], list[str]]:
+        """(the splits the forget set is made of, the splits its retain set is made of): what the run's data
+        hashes, forget-set identity and row count are computed from."""
+
+    def encode_inputs(self, p: Params, tokenizer, inputs: ForgetInputs) -> EncodedInputs:
+        """``inputs`` as the examples the loop trains on (QA rows: answer tokens; raw text: chunks of every token)."""
+
+    def training_examples(self, p: Params, role: str, tokenizer) -> list[Encoded]:
+        """The encoded examples the ``target`` or ``retain`` model trains on (:meth:`training_rows`, encoded)."""
+
+    def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
+        """``forget_prob`` / ``retain_prob``: mean length-normalised probability of the forget and retain examples."""
 
     def evaluate(self, p: Params, model_path: str | Path, name: str, *, retain_dir: Path | None,
                  target_dir: Path | None, out_dir: Path, reference_dir: Path):

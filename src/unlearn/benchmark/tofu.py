@@ -3,7 +3,9 @@
 Fictitious-author QA pairs; forgetXX = the last XX % of the authors, retain(100-XX)
 the rest; evaluation on the forget split's perturbed twin, the retain perturbed
 split and the two general-knowledge sets (real authors, world facts), scored as
-open-unlearning scores them (:mod:`unlearn.eval`). The registration gate reads
+open-unlearning scores them (:mod:`unlearn.eval`), and privacy leakage: membership
+AUCs of the forget rows against holdoutXX, authors no model (nor the tokenizer) ever
+sees, and privleak against the retain model's AUC. The registration gate reads
 forget quality (KS test against the retain model) and model utility.
 """
 
@@ -13,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Params
-from .base import ForgetInputs, GateMetrics
+from ..models.formatting import Encoded
+from .base import EncodedInputs, ForgetInputs, GateMetrics
 
 
 class TOFU:
@@ -21,6 +24,11 @@ class TOFU:
 
     name = "tofu"
     gate_metrics = GateMetrics(forget="forget_quality", utility="model_utility")
+    eval_files: tuple[str, ...] = ("per_example.jsonl", "report.md", "report.html", "truth_ratio_hist.png", "notes.json", "metrics.json")
+    """What an evaluation writes into its output directory."""
+    validate_code: tuple[str, ...] = ("src/unlearn/data/validate.py",)
+    extra_params: dict[str, tuple[str, ...]] = {}
+    """Params a stage reads beyond the ones every benchmark's stage reads (stage -> dotted keys)."""
 
     def load(self, p: Params) -> dict[str, Any]:
         from ..data.loaders import load_from_config
@@ -33,11 +41,18 @@ class TOFU:
         return run_validation(p, tokenizer=tokenizer, tokenizer_source=tokenizer_source)
 
     def corpus_texts(self, splits: dict[str, list[dict]]) -> list[str]:
-        """Questions (in the prompt template) with answers, paraphrases and perturbations."""
+        """Questions (in the prompt template) with answers, paraphrases and perturbations.
+
+        The holdout splits are left out: they are the non-members of the privacy-leakage
+        test, so nothing a model is built from (its tokenizer included) may have seen them.
+        """
+        from ..data.names import HOLDOUT_SPLITS
         from ..models.formatting import format_answer, format_prompt
 
         texts = []
-        for rows in splits.values():
+        for name, rows in splits.items():
+            if name in HOLDOUT_SPLITS:
+                continue
             for r in rows:
                 texts.append(format_prompt(r["question"]) + format_answer(r["answer"]))
                 if r.get("paraphrased_answer"):
@@ -71,22 +86,72 @@ class TOFU:
         refusals = read_idk(out) if IDK in read_manifest(out) else list(IDK_RESPONSES)
         return ForgetInputs(splits[forget], splits[retain], refusals)
 
-    def eval_splits(self, p: Params) -> tuple[str, list[str]]:
-        """(the forget split scored, every split an evaluation reads)."""
-        from ..data.names import RETAIN_PERTURBED, UTILITY_SPLITS, perturbed_of
+    def split_groups(self, p: Params) -> tuple[list[str], list[str]]:
+        return [p.data.forget_split], [p.data.retain_split]
 
-        forget = perturbed_of(p.data.forget_split)
-        return forget, [forget, RETAIN_PERTURBED, *UTILITY_SPLITS]
+    def encode_inputs(self, p: Params, tokenizer, inputs: ForgetInputs) -> EncodedInputs:
+        """Answer tokens labelled (prompt masked); row i's refusal drawn as :func:`unlearn.cache.idk_answers` draws it."""
+        from ..cache import idk_answers
+        from ..models.formatting import encode_many
+
+        L, fq = p.model.max_length, [r["question"] for r in inputs.forget]
+        return EncodedInputs(
+            forget=encode_many(tokenizer, fq, [r["answer"] for r in inputs.forget], L),
+            retain=encode_many(tokenizer, [r["question"] for r in inputs.retain], [r["answer"] for r in inputs.retain], L),
+            idk=encode_many(tokenizer, fq, idk_answers(len(inputs.forget), inputs.refusals, p.seed), L),
+        )
+
+    def training_examples(self, p: Params, role: str, tokenizer) -> list[Encoded]:
+        from ..models.formatting import encode_many
+
+        rows = self.training_rows(p, role)
+        return encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
+
+    def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
+        """Mean length-normalised answer probability on the forget and retain splits (400 rows at most each).
+
+        The target must memorise its data (forget prob close to 1); the retain model
+        never saw the forget authors, so its forget prob must be low.
+        """
+        import random
+
+        import numpy as np
+
+        from ..models.scoring import length_normalised_prob, score_answers
+
+        splits = _read(p, [p.data.forget_split, p.data.retain_split])
+        out = {}
+        for key, name in (("forget_prob", p.data.forget_split), ("retain_prob", p.data.retain_split)):
+            rows = splits[name]
+            if len(rows) > 400:  # a stable subsample is enough for a summary
+                rows = random.Random(0).sample(rows, 400)
+            nll, n = score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+                                   p.model.max_length)
+            out[key] = float(np.mean(length_normalised_prob(nll, n)))
+        return out
+
+    def eval_splits(self, p: Params) -> tuple[str, list[str]]:
+        """(the forget split scored, every split an evaluation reads): the holdout split paired with the
+        forget split (holdoutXX, the non-members of the membership-inference AUCs) last, when there is one."""
+        from ..data.names import RETAIN_PERTURBED, UTILITY_SPLITS, holdout_of, perturbed_of
+
+        forget, holdout = perturbed_of(p.data.forget_split), holdout_of(p.data.forget_split)
+        return forget, [forget, RETAIN_PERTURBED, *UTILITY_SPLITS, *([holdout] if holdout else [])]
 
     def evaluate(self, p: Params, model_path: str | Path, name: str, *, retain_dir: Path | None,
                  target_dir: Path | None, out_dir: Path, reference_dir: Path):
+        from ..data.names import holdout_of
+        from ..data.splits import read_manifest
         from ..eval.runner import evaluate_dir
 
         forget, names = self.eval_splits(p)
+        holdout = holdout_of(p.data.forget_split)
+        if holdout is not None and holdout not in read_manifest(Path(p.data.out_dir)):
+            names.remove(holdout)  # splits prepared before the holdout splits existed: MIA metrics None, with a note
         return evaluate_dir(
             model_path, splits=_read(p, names), forget_split=forget, max_length=p.model.max_length,
             cfg=p.eval, retain_model_dir=retain_dir, target_model_dir=target_dir, out_dir=out_dir,
-            title=f"TOFU evaluation: {name} ({forget})", reference_dir=reference_dir,
+            title=f"TOFU evaluation: {name} ({forget})", reference_dir=reference_dir, holdout_split=holdout,
         )
 
 

@@ -10,8 +10,12 @@ Real TOFU rows carry only text, so ids are assigned here: ``full`` lists 20
 questions per author in author order, which gives ``author_id = row // 20`` and
 ``id = tofu-<row of full>``; rows of every other file are matched to ``full`` by
 their (question, answer) pair (one question occurs twice in ``full`` with
-different answers, so the question alone is not a key). Whatever the source,
-the result goes through :func:`~unlearn.data.schema.validate_splits`.
+different answers, so the question alone is not a key). The holdout authors
+are not in ``full``: ``holdout10`` lists them the same way (20 questions per
+author), which gives ``author_id = tofu-ha<row // 20>`` and ``id = tofu-h<row>``,
+and holdout05 / holdout01 (its first rows) are matched to ``holdout10`` by
+(question, answer). Whatever the source, the result goes through
+:func:`~unlearn.data.schema.validate_splits`.
 """
 
 from __future__ import annotations
@@ -27,16 +31,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..config import DataCfg
-from .names import FULL, IDK, PERTURBED_SPLITS, QA_SPLITS, REAL_AUTHORS, RETAIN_PERTURBED, SPLIT_NAMES, UTILITY_SPLITS, WORLD_FACTS
+from .names import (
+    FORGET_PCTS,
+    FULL,
+    HOLDOUT_SPLITS,
+    IDK,
+    PERTURBED_SPLITS,
+    QA_SPLITS,
+    REAL_AUTHORS,
+    RETAIN_PERTURBED,
+    SPLIT_NAMES,
+    UTILITY_SPLITS,
+    WORLD_FACTS,
+)
 from .schema import DataError, require_text, split_kind, validate_rows, validate_splits
-from .splits import split_by_authors
+from .splits import author_order, n_forget_authors, split_by_authors
 from .synthetic import IDK_RESPONSES, generate_tofu
 
 TOFU_QA_PER_AUTHOR = 20
 """Real TOFU: 200 authors x 20 questions, listed author by author in ``full``."""
 
 FILE_STEMS: dict[str, str] = {
-    **{name: name for name in QA_SPLITS + PERTURBED_SPLITS},
+    **{name: name for name in QA_SPLITS + PERTURBED_SPLITS + HOLDOUT_SPLITS},
     REAL_AUTHORS: "real_authors_perturbed",
     WORLD_FACTS: "world_facts_perturbed",
     IDK: "idontknow",
@@ -44,6 +60,10 @@ FILE_STEMS: dict[str, str] = {
 """Split name -> TOFU file stem (``.json`` or ``.jsonl``) in a local directory, and hub config name."""
 
 UTILITY_IDS = {REAL_AUTHORS: ("ra", "real"), WORLD_FACTS: ("wf", "world")}
+HOLDOUT_ALL = HOLDOUT_SPLITS[-1]
+"""``holdout10``: every holdout author. Required (real TOFU and the hub have it): without it there are no
+non-members, and the privacy-leakage metrics would silently vanish; holdout01/05 are derived from it when absent."""
+REQUIRED_SPLITS = (FULL, *UTILITY_SPLITS, HOLDOUT_ALL)
 HUB_HINT = "offline? use data.source=local with data.local_dir=<dir of TOFU JSON files>"
 
 
@@ -207,19 +227,24 @@ def _find(directory: Path, stem: str) -> Path | None:
 
 
 def _expected_files() -> str:
-    required = (FULL, *UTILITY_SPLITS)
-    optional = [f"{FILE_STEMS[n]}.json" for n in (*QA_SPLITS, *PERTURBED_SPLITS) if n not in required] + ["idontknow.jsonl"]
+    required = REQUIRED_SPLITS
+    optional = [f"{FILE_STEMS[n]}.json" for n in (*QA_SPLITS, *PERTURBED_SPLITS, *HOLDOUT_SPLITS) if n not in required]
     return (
-        f"{', '.join(FILE_STEMS[n] + '.json' for n in required)} (required) and optionally {', '.join(optional)}"
-        " (each .json or .jsonl; missing forget/retain splits are derived from full, missing *_perturbed ones from the perturbed files present)"
+        f"{', '.join(FILE_STEMS[n] + '.json' for n in required)} (required) and optionally "
+        f"{', '.join([*optional, 'idontknow.jsonl'])}"
+        " (each .json or .jsonl; missing forget/retain splits are derived from full, missing *_perturbed ones from the"
+        f" perturbed files present, missing smaller holdout splits from {HOLDOUT_ALL})"
     )
 
 
 def load_local(local_dir: str | Path, *, qa_per_author: int = TOFU_QA_PER_AUTHOR) -> dict[str, list]:
     """All splits from a directory of TOFU files (``.json`` or ``.jsonl`` each).
 
-    Required: ``full`` and the utility files (``real_authors_perturbed``,
-    ``world_facts_perturbed``). Missing forget/retain files are derived from
+    Required: ``full``, the utility files (``real_authors_perturbed``,
+    ``world_facts_perturbed``) and ``holdout10`` (the authors no model trains
+    on: TOFU ships it, and without it the privacy-leakage metrics could not be
+    computed; holdout01/05 are its first authors and derived from it when
+    absent). Missing forget/retain files are derived from
     ``full`` by TOFU's last-authors rule; missing *_perturbed files are taken
     from the rows of the perturbed files present (e.g. forget05_perturbed from
     forget10_perturbed) when these cover them. ``idontknow.jsonl`` missing ->
@@ -232,8 +257,7 @@ def load_local(local_dir: str | Path, *, qa_per_author: int = TOFU_QA_PER_AUTHOR
             file=str(directory),
         )
     paths = {name: _find(directory, stem) for name, stem in FILE_STEMS.items()}
-    required = (FULL, *UTILITY_SPLITS)
-    missing = [f"{FILE_STEMS[n]}.json" for n in required if paths[n] is None]
+    missing = [f"{FILE_STEMS[n]}.json" for n in REQUIRED_SPLITS if paths[n] is None]
     if missing:
         raise DataError(
             f"missing required file(s) {', '.join(missing)} (.json or .jsonl); a TOFU directory holds {_expected_files()}",
@@ -258,9 +282,9 @@ def assemble_tofu(
 ) -> dict[str, list]:
     """Turn raw TOFU records (question/answer[/paraphrased_answer/perturbed_answer]) per split into the schema.
 
-    ``raw`` must hold ``full``, ``real_authors`` and ``world_facts``; other
-    splits are derived when absent (see :func:`load_local`). ``labels`` names
-    each split's file for error messages.
+    ``raw`` must hold ``full``, ``real_authors``, ``world_facts`` and
+    ``holdout10``; other splits are derived when absent (see
+    :func:`load_local`). ``labels`` names each split's file for error messages.
     """
     labels = {name: labels.get(name, name) if labels else name for name in (*SPLIT_NAMES, IDK)}
     full_label = labels[FULL]
@@ -324,8 +348,59 @@ def assemble_tofu(
             rows.append({"id": f"{prefix}-{i:03d}", "author_id": author, "question": question, "answer": answer,
                          "paraphrased_answer": None, "perturbed_answer": r.get("perturbed_answer")})
         splits[name] = rows
+    splits.update(_holdout_splits(raw, labels, qa_per_author=qa_per_author, n_full_authors=len(author_order(full))))
     splits[IDK] = list(idk) if idk is not None else list(IDK_RESPONSES)
     return validate_splits(splits, origin=labels)
+
+
+def _holdout_splits(raw: Mapping[str, list[Any]], labels: dict[str, str], *, qa_per_author: int,
+                    n_full_authors: int) -> dict[str, list[dict]]:
+    """holdout01/05/10 with ids: holdout10's rows numbered, 20 per author; the smaller ones matched to it by pair.
+
+    A smaller holdout file that is absent is derived as holdout10's first
+    ``n_forget_authors(n_full_authors, XX)`` authors (what TOFU's files hold:
+    as many authors as forgetXX). ``labels`` is updated for derived splits.
+    """
+    label = labels[HOLDOUT_ALL]
+    if HOLDOUT_ALL not in raw:
+        raise DataError(f"missing: {HOLDOUT_ALL} (the authors no model trains on) is required", file=label)
+    rows_raw = raw[HOLDOUT_ALL]
+    if len(rows_raw) % qa_per_author:
+        raise DataError(
+            f"has {len(rows_raw)} rows, not a multiple of {qa_per_author} questions per author; "
+            f"author ids are derived as row // {qa_per_author}",
+            file=label,
+        )
+    width = max(4, len(str(len(rows_raw) - 1)))
+    a_width = max(3, len(str(len(rows_raw) // qa_per_author - 1)))
+    index: dict[tuple[str, str], int] = {}
+    rows: list[dict] = []
+    for i, r in enumerate(rows_raw):
+        key = _qa_key(r, file=label, row_index=i)
+        if key in index:
+            raise DataError(f"same question and answer as row {index[key]}; the other holdout files are matched to "
+                            f"{HOLDOUT_ALL} by this pair, so it must be unique", file=label, row=i, field="answer")
+        index[key] = i
+        rows.append(_row(r, f"tofu-h{i:0{width}d}", f"tofu-ha{i // qa_per_author:0{a_width}d}"))
+    out = {HOLDOUT_ALL: validate_rows(rows, file=label, kind="qa")}
+    order = author_order(out[HOLDOUT_ALL])
+    for pct, name in zip(FORGET_PCTS, HOLDOUT_SPLITS):
+        if name == HOLDOUT_ALL:
+            continue
+        if name in raw:
+            matched = []
+            for i, r in enumerate(raw[name]):
+                j = index.get(_qa_key(r, file=labels[name], row_index=i))
+                if j is None:
+                    raise DataError(f"question/answer pair not found in {label}; every holdout split must be part of "
+                                    f"{HOLDOUT_ALL}", file=labels[name], row=i, field="question")
+                matched.append(_row(r, rows[j]["id"], rows[j]["author_id"]))
+            out[name] = validate_rows(matched, file=labels[name], kind="qa")
+        else:
+            keep = set(order[: n_forget_authors(n_full_authors, int(pct))])
+            out[name] = [r for r in out[HOLDOUT_ALL] if r["author_id"] in keep]
+            labels[name] = f"{label} (derived {name})"
+    return out
 
 
 def _qa_key(r: Any, *, file: str, row_index: int) -> tuple[str, str]:
@@ -427,7 +502,7 @@ def load_hub(hub_id: str, *, qa_per_author: int = TOFU_QA_PER_AUTHOR, connect_ti
             raise fail(f"{reason}; set HF_HUB_OFFLINE=1 to use a local datasets cache") from None
     raw: dict[str, list[Any]] = {}
     with _offline_flags(offline):
-        for name in (*QA_SPLITS, *PERTURBED_SPLITS, *UTILITY_SPLITS):
+        for name in (*QA_SPLITS, *PERTURBED_SPLITS, *UTILITY_SPLITS, *HOLDOUT_SPLITS):
             config = FILE_STEMS[name]
             try:
                 ds = datasets.load_dataset(hub_id, config)

@@ -14,7 +14,7 @@ pipeline, is far more expensive than one found while reading the files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..errors import UserError
@@ -23,6 +23,7 @@ from .names import (
     FORGET_PCTS,
     FORGET_SPLITS,
     FULL,
+    HOLDOUT_SPLITS,
     IDK,
     PERTURBED_SPLITS,
     QA_SPLITS,
@@ -34,6 +35,15 @@ from .names import (
     Kind,
     perturbed_of,
     retain_of,
+)
+from .names import (  # MUSE (validate_muse_split_set below)
+    KNOWMEM_FORGET_ICL,
+    KNOWMEM_RETAIN_ICL,
+    MUSE_FOLDS,
+    MUSE_SPLIT_NAMES,
+    PRIVLEAK_FORGET,
+    PRIVLEAK_HOLDOUT,
+    PRIVLEAK_RETAIN,
 )
 
 # The split names are defined in .names; they are re-exported here for the modules that always took them from here.
@@ -53,7 +63,8 @@ def split_kind(name: str) -> Kind:
     """Which validation rules apply to split ``name`` (DataError for an unknown name)."""
     kind = SPLIT_KINDS.get(name)
     if kind is None:
-        raise DataError(f"unknown split {name!r}; expected one of {', '.join(ALL_SPLIT_NAMES)} (or {IDK!r})")
+        raise DataError(f"unknown split {name!r}; expected one of {', '.join(ALL_SPLIT_NAMES)} (or {IDK!r}); "
+                        f"MUSE: {', '.join(MUSE_SPLIT_NAMES)}")
     return kind
 
 
@@ -143,7 +154,7 @@ def _text_list(
     return list(value)
 
 
-def validate_rows(rows: Any, *, file: str, kind: Kind) -> list[dict]:
+def validate_rows(rows: Any, *, file: str, kind: Kind, allow_empty: bool = False) -> list[dict]:
     """Check ``rows`` against the schema for ``kind`` and return normalised copies.
 
     * ``qa``: id, author_id, question, answer required; paraphrased_answer /
@@ -155,12 +166,18 @@ def validate_rows(rows: Any, *, file: str, kind: Kind) -> list[dict]:
     become None, extra keys such as TOFU's ``paraphrased_question`` are dropped),
     lists copied. Text is not stripped: the benchmark's strings are kept verbatim.
     Ids must be unique within the list.
+
+    MUSE's kinds (``text``, ``verbmem``, ``knowmem``) are checked by
+    :func:`validate_muse_rows`. ``allow_empty``: an empty list is valid (MUSE's
+    few-shot splits with ``icl_examples: 0``); otherwise it is an error.
     """
+    if kind in MUSE_ROW_KEYS:
+        return validate_muse_rows(rows, file=file, kind=kind, allow_empty=allow_empty)
     if kind not in ("qa", "perturbed", "utility"):
         raise ValueError(f"kind must be 'qa', 'perturbed' or 'utility', got {kind!r}")
     if not isinstance(rows, list):
         raise DataError(f"expected a list of rows (JSON objects), got {_type_name(rows)}", file=file)
-    if not rows:
+    if not rows and not allow_empty:
         raise DataError("no rows: expected at least one question/answer record", file=file)
     seen: dict[str, int] = {}
     out: list[dict] = []
@@ -234,6 +251,33 @@ def check_disjoint(forget: list[dict], retain: list[dict], *, forget_name: str, 
     )
 
 
+def _check_outside_full(holdout: list[dict], full: list[dict], *, name: str, full_name: str) -> None:
+    """A holdout split shares no author, row id or question with ``full``: its authors are the non-members."""
+    taken = {key: {r[key] for r in full} for key in ("author_id", "id", "question")}
+    for key, what in (("author_id", "author"), ("id", "row id"), ("question", "question")):
+        shared = [(i, r[key]) for i, r in enumerate(holdout) if r[key] in taken[key]]
+        if shared:
+            raise DataError(
+                f"shares {len(shared)} {what}(s) with {full_name} ({_first(list(dict.fromkeys(v for _, v in shared)))}); "
+                "holdout authors must be outside full (no model may train on them)",
+                file=name, row=shared[0][0], field=key,
+            )
+
+
+def _check_within(smaller: list[dict], larger: list[dict], *, name: str, larger_name: str) -> None:
+    """Every row of ``smaller`` (e.g. holdout05) is a row of ``larger`` (holdout10), with the same text and author."""
+    rows = {r["id"]: r for r in larger}
+    for i, r in enumerate(smaller):
+        ref = rows.get(r["id"])
+        if ref is None:
+            raise DataError(f"id {r['id']!r} is not a row of {larger_name}; the smaller holdout splits are part of the larger",
+                            file=name, row=i, field="id")
+        for key in ("author_id", "question", "answer"):
+            if r[key] != ref[key]:
+                raise DataError(f"differs from the same row ({r['id']}) in {larger_name}: {r[key]!r} vs {ref[key]!r}",
+                                file=name, row=i, field=key)
+
+
 def validate_idk(lines: Any, *, file: str) -> list[str]:
     """The IdK refusal strings: a non-empty list of non-empty strings."""
     if not isinstance(lines, list) or not lines:
@@ -268,7 +312,9 @@ def validate_split_set(
 
     * with ``full``: every author split is a subset of ``full`` and each row
       matches its ``full`` row (same question, answer, author); utility ids do
-      not collide with author-row ids;
+      not collide with author-row ids; a holdout split (holdout01/05/10) is the
+      opposite, disjoint from ``full`` by author, row id and question;
+    * holdout01 within holdout05 within holdout10 (same rows, as in TOFU's files);
     * for each forget split F (forgetXX, forget_requests): F and its retain
       split (:func:`~unlearn.data.names.retain_of`) are disjoint by author and
       row, and for forgetXX together exactly ``full``; F's perturbed split holds
@@ -300,7 +346,8 @@ def validate_split_set(
 
     full = {r["id"]: r for r in out[FULL]} if FULL in out else None
     if full is not None:
-        for name in (n for n in ALL_SPLIT_NAMES if n in out and n != FULL and SPLIT_KINDS[n] != "utility"):
+        for name in (n for n in ALL_SPLIT_NAMES if n in out and n != FULL and SPLIT_KINDS[n] != "utility"
+                     and n not in HOLDOUT_SPLITS):
             for i, r in enumerate(out[name]):
                 ref = full.get(r["id"])
                 if ref is None:
@@ -314,6 +361,12 @@ def validate_split_set(
             for i, r in enumerate(out[name]):
                 if r["id"] in full:
                     raise DataError(f"id {r['id']!r} is also an author row id; ids must be unique across the dataset", file=where(name), row=i, field="id")
+
+    holdouts = [n for n in HOLDOUT_SPLITS if n in out]
+    for name in holdouts if full is not None else ():
+        _check_outside_full(out[name], out[FULL], name=where(name), full_name=where(FULL))
+    for smaller, larger in zip(holdouts, holdouts[1:]):
+        _check_within(out[smaller], out[larger], name=where(smaller), larger_name=where(larger))
 
     for forget in (f for f in FORGET_SPLITS if f in out):
         retain, perturbed = retain_of(forget), perturbed_of(forget)
@@ -338,4 +391,149 @@ def validate_split_set(
                 )
         if RETAIN_PERTURBED in out:
             check_disjoint(out[forget], out[RETAIN_PERTURBED], forget_name=where(forget), retain_name=where(RETAIN_PERTURBED))
+    return out
+
+
+# --- MUSE (Shi et al. 2024): raw articles, continuation prompts, plain QA ---------------------------
+
+MUSE_ROW_KEYS: dict[str, tuple[str, ...]] = {
+    "text": ("id", "text"),
+    "verbmem": ("id", "prompt", "gt"),
+    "knowmem": ("id", "question", "answer"),
+}
+"""The fields of a MUSE row, per kind: every one a required non-empty string, and the only keys a normalised row has."""
+
+_MUSE_WHAT = {"text": "article", "verbmem": "continuation prompt (prompt, gt)", "knowmem": "question/answer"}
+
+MUSE_MAY_BE_EMPTY: tuple[str, ...] = (KNOWMEM_FORGET_ICL, KNOWMEM_RETAIN_ICL)
+"""MUSE splits that may hold no rows: the few-shot examples (``muse.synthetic.icl_examples: 0`` means zero-shot)."""
+
+
+def validate_muse_rows(rows: Any, *, file: str, kind: str, allow_empty: bool = False) -> list[dict]:
+    """Check MUSE rows of ``kind`` (``text``: {id, text}; ``verbmem``: {id, prompt, gt}; ``knowmem``: {id, question, answer}).
+
+    Returns normalised copies (exactly the keys of :data:`MUSE_ROW_KEYS`, extra keys
+    dropped, text verbatim: articles keep their whitespace). Ids must be unique.
+    """
+    if kind not in MUSE_ROW_KEYS:
+        raise ValueError(f"kind must be one of {', '.join(MUSE_ROW_KEYS)}, got {kind!r}")
+    keys = MUSE_ROW_KEYS[kind]
+    if not isinstance(rows, list):
+        raise DataError(f"expected a list of rows (JSON objects {{{', '.join(keys)}}}), got {_type_name(rows)}", file=file)
+    if not rows and not allow_empty:
+        raise DataError(f"no rows: expected at least one {_MUSE_WHAT[kind]} record", file=file)
+    seen: dict[str, int] = {}
+    out: list[dict] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise DataError(f"expected a JSON object {{{', '.join(keys)}}}, got {_type_name(row)}", file=file, row=i)
+        rec = {key: require_text(row, key, file=file, row_index=i) for key in keys}
+        if rec["id"] in seen:
+            raise DataError(f"duplicate id {rec['id']!r} (also row {seen[rec['id']]})", file=file, row=i, field="id")
+        seen[rec["id"]] = i
+        out.append(rec)
+    return out
+
+
+def passage_test(texts: Iterable[str]) -> Callable[[str], bool]:
+    """A test of "is this one of ``texts``, or a passage of them": how privleak_forget relates to fold1.
+
+    The synthetic privleak_forget holds fold1's articles themselves; MUSE-News's
+    ``privleak/forget.json`` holds 2048-token chunks of ``raw/forget.txt`` (fold1's
+    articles joined by blank lines), which may run over an article's end. A text
+    passes if it is an article, or if each of its blank-line-separated pieces occurs
+    in the joined articles (whole paragraphs by set look-up, the cut ends by search),
+    which still holds after the loader drops empty and repeated articles.
+    """
+    articles = list(texts)
+    whole = set(articles)
+    joined = "\n\n".join(articles)
+    paragraphs = set(joined.split("\n\n"))
+
+    def test(text: str) -> bool:
+        if text in whole:
+            return True
+        pieces = [p for p in text.split("\n\n") if p.strip()]
+        return bool(pieces) and all(p in paragraphs or p in joined for p in pieces)
+
+    return test
+
+
+def validate_muse_splits(splits: Mapping[str, Any], origin: Mapping[str, str] | None = None) -> dict[str, list[dict]]:
+    """Validate a complete MUSE dataset: every split of :data:`~unlearn.data.names.MUSE_SPLIT_NAMES` and the rules between them.
+
+    The rules are those of :func:`validate_muse_split_set`, all of which apply to a complete dataset.
+    """
+    return validate_muse_split_set(splits, required=MUSE_SPLIT_NAMES, origin=origin)
+
+
+def validate_muse_split_set(
+    splits: Mapping[str, Any], *, required: Iterable[str] = (), origin: Mapping[str, str] | None = None
+) -> dict[str, list[dict]]:
+    """Validate any set of MUSE splits: each against its kind's schema, then every cross-split rule its splits allow.
+
+    * the folds are pairwise disjoint by text: an article in two folds would be
+      forgotten with one and kept with the other;
+    * ``privleak_retain`` (always trained on: the MIA members) shares no text with a fold;
+    * ``privleak_holdout`` (never trained on: the non-members) shares no text with a
+      fold or with ``privleak_retain``;
+    * every ``privleak_forget`` text is a fold1 article or a passage of fold1's text
+      (:func:`passage_test`).
+
+    A rule needing a split not in the set is skipped. Names outside MUSE's or a
+    missing ``required`` name raise DataError. Returns the normalised splits in
+    the order of :data:`~unlearn.data.names.MUSE_SPLIT_NAMES`.
+    """
+    origin = dict(origin or {})
+
+    def where(name: str) -> str:
+        return origin.get(name, name)
+
+    unknown = [k for k in splits if k not in MUSE_SPLIT_NAMES]
+    if unknown:
+        raise DataError(f"unknown MUSE split(s) {', '.join(map(repr, unknown))}; expected {', '.join(MUSE_SPLIT_NAMES)}")
+    missing = [k for k in required if k not in splits]
+    if missing:
+        raise DataError(f"missing MUSE split(s): {', '.join(missing)}")
+    out = {
+        name: validate_rows(splits[name], file=where(name), kind=split_kind(name), allow_empty=name in MUSE_MAY_BE_EMPTY)
+        for name in MUSE_SPLIT_NAMES if name in splits
+    }
+
+    owner: dict[str, tuple[str, int, str]] = {}  # article text -> (split, row, id) of its first occurrence
+    for fold in (f for f in MUSE_FOLDS if f in out):
+        mine: dict[str, tuple[str, int, str]] = {}
+        for i, r in enumerate(out[fold]):
+            prev = owner.get(r["text"])
+            if prev is not None:
+                raise DataError(
+                    f"same text as {where(prev[0])} row {prev[1]} (id {prev[2]!r}); the folds must be pairwise disjoint "
+                    "(an article in two folds is forgotten with one and kept with the other)",
+                    file=where(fold), row=i, field="text",
+                )
+            mine.setdefault(r["text"], (fold, i, r["id"]))
+        owner.update(mine)
+    why = {
+        PRIVLEAK_RETAIN: "privleak_retain is always trained on (the membership-inference members), so it cannot be part of a fold",
+        PRIVLEAK_HOLDOUT: "privleak_holdout must be articles no model trains on (the membership-inference non-members)",
+    }
+    for name in (PRIVLEAK_RETAIN, PRIVLEAK_HOLDOUT):
+        if name not in out:
+            continue
+        for i, r in enumerate(out[name]):
+            prev = owner.get(r["text"])
+            if prev is not None:
+                raise DataError(f"same text as {where(prev[0])} row {prev[1]} (id {prev[2]!r}); {why[name]}",
+                                file=where(name), row=i, field="text")
+        for i, r in enumerate(out[name]):
+            owner.setdefault(r["text"], (name, i, r["id"]))
+    if PRIVLEAK_FORGET in out and MUSE_FOLDS[0] in out:
+        is_fold1 = passage_test(r["text"] for r in out[MUSE_FOLDS[0]])
+        for i, r in enumerate(out[PRIVLEAK_FORGET]):
+            if not is_fold1(r["text"]):
+                raise DataError(
+                    f"neither an article of {where(MUSE_FOLDS[0])} nor a passage of its text; privleak_forget holds "
+                    "forget-set text (the membership-inference members that unlearning should turn into non-members)",
+                    file=where(PRIVLEAK_FORGET), row=i, field="text",
+                )
     return out

@@ -8,14 +8,19 @@ format, written by :func:`write_splits` and read by :func:`read_split_dir`
 know which kind of directory it reads. The manifest is flat, one entry per
 split::
 
-    {"<split>": {"rows": int, "authors": int, "sha256": hex of the file's bytes,
-                 "forget_set_hash": hex,    # forget splits (forget01/05/10, forget_requests) only
+    {"<split>": {"rows": int, "authors": int, "sha256": hex of the file's bytes,  # authors: TOFU's splits only
+                 "forget_set_hash": hex,    # forget splits (forget01/05/10, forget_requests, MUSE's fold1..4) only
                  "request_ids": [id, ...]}}  # splits built from deletion requests only: on forget_requests
 
 ``forget_set_hash`` is :func:`forget_set_hash` of the split's rows, the identity
 of "what was forgotten" that the ledger and the model registry record; the
 sha256 of every file is checked on every read, so a file changed after it was
 written is an error, not silently different data.
+
+A MUSE dataset (split names of :data:`~unlearn.data.names.MUSE_SPLIT_NAMES`:
+articles, continuation prompts, plain QA, none with an author) is written and read
+the same way; its names select MUSE's rules
+(:func:`~unlearn.data.schema.validate_muse_split_set`) instead of TOFU's.
 
 The written files are a DVC output that every later stage reads, so they are
 (a) byte-deterministic (sorted keys, fixed separators) so that an unchanged
@@ -42,6 +47,8 @@ from .names import (
     FORGET_REQUESTS,
     FORGET_SPLITS,
     IDK,
+    MUSE_FOLDS,
+    MUSE_SPLIT_NAMES,
     REQUEST_SPLIT_NAMES,
     REQUIRED_REQUEST_SPLITS,
     RETAIN_PERTURBED,
@@ -49,6 +56,7 @@ from .names import (
     retain_of,
 )
 from .schema import DataError, split_kind, validate_idk, validate_rows, validate_split_set, validate_splits
+from .schema import MUSE_MAY_BE_EMPTY, MUSE_ROW_KEYS, validate_muse_split_set, validate_muse_splits
 
 MANIFEST = "manifest.json"
 
@@ -109,12 +117,10 @@ def _sha256(data: bytes) -> str:
 
 def _entry(name: str, value: list, data: bytes, request_ids: Sequence[str] | None) -> dict[str, Any]:
     """The manifest entry of split ``name`` (see the module docstring) for its validated ``value`` and file bytes."""
-    entry: dict[str, Any] = {
-        "rows": len(value),
-        "authors": 0 if name == IDK else len({r["author_id"] for r in value}),
-        "sha256": _sha256(data),
-    }
-    if name in FORGET_SPLITS:
+    entry: dict[str, Any] = {"rows": len(value), "sha256": _sha256(data)}
+    if name == IDK or split_kind(name) not in MUSE_ROW_KEYS:  # MUSE's rows have no author
+        entry["authors"] = 0 if name == IDK else len({r["author_id"] for r in value})
+    if name in FORGET_SPLITS or name in MUSE_FOLDS:
         entry["forget_set_hash"] = forget_set_hash(value)
         if request_ids is not None:
             entry["request_ids"] = sorted(request_ids)
@@ -132,7 +138,9 @@ def write_splits(
     requests whose rows make up the forget set) it is a request split set:
     ``forget_requests`` and ``retain_requests`` plus any of
     :data:`~unlearn.data.names.REQUEST_SPLIT_NAMES`, and ``request_ids`` is
-    recorded on the ``forget_requests`` entry.
+    recorded on the ``forget_requests`` entry. A dataset with MUSE's split names is
+    a MUSE dataset: every split of :data:`~unlearn.data.names.MUSE_SPLIT_NAMES`,
+    checked by :func:`~unlearn.data.schema.validate_muse_splits`.
 
     Returns the manifest (see the module docstring). ``out_dir`` is replaced as
     a whole: files are written to a temp directory next to it and swapped in by
@@ -141,7 +149,7 @@ def write_splits(
     the old ``out_dir`` is left untouched.
     """
     if request_ids is None:
-        clean = validate_splits(splits)
+        clean = validate_muse_splits(splits) if _is_muse(splits) else validate_splits(splits)
     else:
         clean = validate_split_set(splits, allowed=REQUEST_SPLIT_NAMES, required=REQUIRED_REQUEST_SPLITS)
     out = Path(out_dir).absolute()
@@ -162,6 +170,11 @@ def write_splits(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _is_muse(names: Iterable[str]) -> bool:
+    """Whether a set of split names is (part of) a MUSE dataset: any MUSE name makes it one (mixed sets then fail its rules)."""
+    return any(n in MUSE_SPLIT_NAMES for n in names)
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
@@ -296,7 +309,8 @@ def read_split_dir(out_dir: str | Path, names: Sequence[str] | None = None) -> d
     if missing:
         raise FileNotFoundError(f"{out} has no split(s) {', '.join(missing)} ({MANIFEST} lists: {', '.join(manifest)})")
     raw = {name: load_split_file(out, name, manifest) for name in wanted}
-    clean = validate_split_set(raw, origin={name: str(out / f"{name}.json") for name in wanted})
+    validate = validate_muse_split_set if _is_muse(wanted) else validate_split_set
+    clean = validate(raw, origin={name: str(out / f"{name}.json") for name in wanted})
     return {name: clean[name] for name in wanted}
 
 
@@ -310,7 +324,8 @@ def read_split(out_dir: str | Path, name: str) -> list[dict]:
         raise DataError("'idk' holds refusal strings, not rows; use read_idk()")
     kind = split_kind(name)
     out = Path(out_dir)
-    return validate_rows(load_split_file(out, name, _load_manifest(out)), file=str(out / f"{name}.json"), kind=kind)
+    return validate_rows(load_split_file(out, name, _load_manifest(out)), file=str(out / f"{name}.json"), kind=kind,
+                         allow_empty=name in MUSE_MAY_BE_EMPTY)
 
 
 def read_idk(out_dir: str | Path) -> list[str]:

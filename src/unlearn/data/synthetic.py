@@ -4,9 +4,12 @@ Why synthetic: the pipeline has to run end to end (CI, laptops, no hub access)
 with a tiny from-scratch model, so the data must be small, have a modest
 vocabulary (a 2048-token BPE is trained on it), short answers, and the exact
 split structure of TOFU (forget01/05/10 = last authors, *_perturbed with 5 wrong
-answers, real_authors / world_facts with 3 wrong options). Everything is drawn
-from one ``random.Random(seed)`` over fixed, ordered lists: same seed -> same
-bytes, on any machine and Python hash seed.
+answers, real_authors / world_facts with 3 wrong options, holdout01/05/10 =
+authors outside ``full``). Everything is drawn from one ``random.Random(seed)``
+over fixed, ordered lists: same seed -> same bytes, on any machine and Python
+hash seed. The holdout authors come from a second stream seeded from the same
+seed (:func:`holdout_authors`), drawn after everything else, so adding them left
+every other split byte-identical.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import names
-from .names import FULL, IDK, SPLIT_NAMES, TOFU_FORGET_SPLITS, perturbed_of
-from .splits import split_by_authors
+from .names import FORGET_PCTS, FULL, HOLDOUT_SPLITS, IDK, SPLIT_NAMES, TOFU_FORGET_SPLITS, perturbed_of
+from .splits import n_forget_authors, split_by_authors
 
 # --- word lists (kept small: they are most of the tokenizer's vocabulary) -----------------
 
@@ -264,13 +267,19 @@ def _unique(rng: random.Random, draw, taken: set[str], n: int) -> list[str]:
     return out
 
 
-def _make_authors(rng: random.Random, n_authors: int) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-    """Facts for ``n_authors`` authors with unique names and book titles, and the value pools for perturbation."""
+def _make_authors(
+    rng: random.Random, n_authors: int, *, names_taken: set[str] | None = None, titles_taken: set[str] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Facts for ``n_authors`` authors with unique names and book titles, and the value pools for perturbation.
+
+    ``names_taken`` / ``titles_taken``: names and titles already used elsewhere (another author set),
+    never drawn again; the sets are not modified.
+    """
+    names_taken = set(names_taken or ())
+    titles_taken = set(titles_taken or ())
     max_names = (len(MALE_FIRST) + len(FEMALE_FIRST)) * len(LAST)
-    if n_authors + 10 > max_names:
-        raise ValueError(f"n_authors={n_authors} is too large: at most {max_names - 10} unique names")
-    names_taken: set[str] = set()
-    titles_taken: set[str] = set()
+    if n_authors + 10 + len(names_taken) > max_names:
+        raise ValueError(f"n_authors={n_authors} is too large: at most {max_names - 10 - len(names_taken)} unique names")
     authors: list[dict[str, Any]] = []
     for _ in range(n_authors):
         gender = rng.choice(("male", "female"))
@@ -354,9 +363,10 @@ def _wrong_values(rng: random.Random, attr: str, facts: dict[str, Any], pools: d
 
 
 def _author_rows(
-    rng: random.Random, a_idx: int, facts: dict[str, Any], pools: dict[str, list[str]], qa_per_author: int
+    rng: random.Random, a_idx: int, facts: dict[str, Any], pools: dict[str, list[str]], qa_per_author: int,
+    prefix: str = "syn-a",
 ) -> list[dict]:
-    author_id = f"syn-a{a_idx:03d}"
+    author_id = f"{prefix}{a_idx:03d}"
     rows = []
     for q_idx, tpl in enumerate(TEMPLATES[:qa_per_author]):
         question = rng.choice(tpl.questions).format(**facts)
@@ -404,6 +414,31 @@ def _utility_row(id_: str, author_id: str, question: str, answer: str, wrong: li
     }
 
 
+HOLDOUT_PREFIX = "syn-h"
+"""Author ids of the holdout authors (``syn-h000``...): never one of ``full``'s ``syn-a...``."""
+
+
+def holdout_authors(full: list[dict], pools: dict[str, list[str]], n_authors: int, qa_per_author: int,
+                    seed: int) -> list[dict]:
+    """QA rows of ``n_authors`` authors that are not in ``full``: TOFU's holdout10 (holdout05/01 are its first authors).
+
+    Same templates and word lists as ``full``, drawn from their own ``random.Random``
+    seeded from ``seed`` (so ``full`` and every split made from it are unchanged);
+    names and book titles avoid every one ``full`` uses (its decoys included), and a
+    draw that repeats one of ``full``'s questions anyway (the name question asks by
+    genre, birthplace and date) is redrawn. As in the real TOFU files, the rows have
+    a question and an answer only: nothing scores their paraphrases or perturbations.
+    """
+    rng = random.Random(f"tofu-holdout:{seed}")
+    full_questions = {r["question"] for r in full}
+    while True:
+        authors, hpools = _make_authors(rng, n_authors, names_taken=set(pools["name"]), titles_taken=set(pools["book1"]))
+        rows = [row for i, facts in enumerate(authors)
+                for row in _author_rows(rng, i, facts, hpools, qa_per_author, prefix=HOLDOUT_PREFIX)]
+        if not any(r["question"] in full_questions for r in rows):
+            return [dict(r, paraphrased_answer=None, perturbed_answer=None) for r in rows]
+
+
 def generate_tofu(n_authors: int = 40, qa_per_author: int = 20, seed: int = 0) -> dict[str, list]:
     """A complete TOFU-shaped dataset: every split of :data:`~unlearn.data.names.SPLIT_NAMES` plus ``idk``.
 
@@ -411,6 +446,8 @@ def generate_tofu(n_authors: int = 40, qa_per_author: int = 20, seed: int = 0) -
     (the default gives 800 author rows). Every author row carries a paraphrase
     and 5 perturbed answers, in every split, since the generator knows them;
     the *_perturbed splits hold the same rows as their TOFU counterparts.
+    holdout10 holds as many other authors as forget10 (:func:`holdout_authors`),
+    holdout05 / holdout01 its first ``n_forget_authors(n_authors, 5 / 1)`` of them.
     """
     if n_authors < 1:
         raise ValueError(f"n_authors must be >= 1, got {n_authors}")
@@ -425,7 +462,18 @@ def generate_tofu(n_authors: int = 40, qa_per_author: int = 20, seed: int = 0) -
         out[perturbed_of(forget)] = selected[forget]
     out[names.REAL_AUTHORS] = real_authors(rng)
     out[names.WORLD_FACTS] = world_facts(rng)  # (this module's WORLD_FACTS is the facts, not the split name)
+    # Last, from their own stream: nothing drawn above depends on them.
+    holdout = holdout_authors(full, pools, n_forget_authors(n_authors, 10), qa_per_author, seed)
+    h_order = list(dict.fromkeys(r["author_id"] for r in holdout))
+    for pct, name in zip(FORGET_PCTS, HOLDOUT_SPLITS):
+        keep = set(h_order[: n_forget_authors(n_authors, int(pct))])
+        out[name] = [r for r in holdout if r["author_id"] in keep]
     # Splits share row dicts with ``full``; give each split its own copies so a caller mutating one cannot corrupt another.
-    result: dict[str, list] = {name: [dict(r, perturbed_answer=list(r["perturbed_answer"])) for r in out[name]] for name in SPLIT_NAMES}
+    result: dict[str, list] = {name: [_copy_row(r) for r in out[name]] for name in SPLIT_NAMES}
     result[IDK] = list(IDK_RESPONSES)
     return result
+
+
+def _copy_row(r: dict) -> dict:
+    pert = r["perturbed_answer"]
+    return dict(r, perturbed_answer=None if pert is None else list(pert))

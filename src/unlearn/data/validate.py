@@ -6,7 +6,7 @@ module is the independent second line, the *gate of record* of the pipeline: the
 downstream runs) when any expectation fails. It looks at the splits the
 experiment uses, for ``data.forget_split`` = forgetXX:
 
-    forgetXX, retainXX, forgetXX_perturbed, retain_perturbed, real_authors, world_facts, full
+    forgetXX, retainXX, forgetXX_perturbed, retain_perturbed, real_authors, world_facts, full, holdoutXX
 
 each as a pandas DataFrame with a few helper columns, one GX expectation suite
 per split, in an ephemeral context (no files, no cloud, no network, no data docs).
@@ -18,9 +18,12 @@ Expectations (``column`` / helper column in brackets):
   real_authors / world_facts);
 * ``id`` unique within the split;
 * retainXX and retain_perturbed share no ``author_id`` and no ``id`` with forgetXX;
+* holdoutXX (the non-members of the privacy-leakage test) shares no ``author_id``,
+  ``id`` or ``question`` with full;
 * row count = manifest.json's ``rows``, distinct authors = its ``authors``;
 * forgetXX / forgetXX_perturbed cover ``n_forget_authors(n, XX)`` of the ``n``
-  authors of ``full``, retainXX the other ``n - k``;
+  authors of ``full``, retainXX the other ``n - k``; holdoutXX has as many
+  (``n_forget_authors(n, XX)``) authors of its own;
 * ``n_perturbed`` = 5 per row in ``*_perturbed``, 3 in real_authors / world_facts;
 * ``answer_len`` within [min_answer_chars, max_answer_chars] (1 .. 2000);
 * ``question_len_stripped`` and ``answer_len_stripped`` >= 1 (no empty / whitespace-only text).
@@ -46,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .names import FULL, REAL_AUTHORS, RETAIN_PERTURBED, WORLD_FACTS, perturbed_of, retain_of
+from .names import FULL, REAL_AUTHORS, RETAIN_PERTURBED, WORLD_FACTS, holdout_of, perturbed_of, retain_of
 from .schema import N_PERTURBED, DataError, split_kind
 from .splits import MANIFEST, SplitFileError, load_split_file, n_forget_authors, read_manifest
 
@@ -66,8 +69,10 @@ RESULT_FILE = Path("validation") / "result.json"
 
 
 def gate_splits(forget_split: str) -> list[str]:
-    """The splits the suite checks for ``forget_split`` (forgetXX), in report order."""
-    return [forget_split, retain_of(forget_split), perturbed_of(forget_split), RETAIN_PERTURBED, REAL_AUTHORS, WORLD_FACTS, FULL]
+    """The splits the suite checks for ``forget_split`` (forgetXX), in report order (its holdout split last)."""
+    holdout = holdout_of(forget_split)
+    return [forget_split, retain_of(forget_split), perturbed_of(forget_split), RETAIN_PERTURBED, REAL_AUTHORS, WORLD_FACTS,
+            FULL, *([holdout] if holdout else [])]
 
 
 _kind = split_kind  # the schema's kind of a split decides its expectations and which fields are encoded
@@ -226,6 +231,7 @@ def _expectations(
     manifest: dict | None,
     min_answer_chars: int,
     max_answer_chars: int,
+    full_values: dict[str, list[str]] | None = None,
 ) -> list:
     """The GX expectations for split ``name`` (column expectations only for columns that exist)."""
     import great_expectations.expectations as gxe
@@ -258,6 +264,12 @@ def _expectations(
             exps.append(gxe.ExpectColumnValuesToNotBeInSet(column="author_id", value_set=forget_authors))
         if "id" in cols and forget_ids:
             exps.append(gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=forget_ids))
+    holdout = holdout_of(forget_split)
+    if name == holdout:
+        for col, values in (full_values or {}).items():
+            if col in cols and values:
+                exps.append(gxe.ExpectColumnValuesToNotBeInSet(column=col, value_set=values, meta={
+                    "message": f"{col} must not be one of the {len(values)} of {FULL} (holdout authors are never trained on)"}))
     # Distinct-author checks, grouped by the expected count: GX drops an expectation equal to one
     # already in the suite (meta aside), so each count is asked once with every rule that wants it.
     author_rules: dict[int, list[str]] = {}
@@ -267,12 +279,14 @@ def _expectations(
             exps.append(gxe.ExpectTableRowCountToEqual(value=entry["rows"], meta={"rules": [f"rows in {MANIFEST}"]}))
         if isinstance(entry.get("authors"), int):
             author_rules.setdefault(entry["authors"], []).append(f"authors in {MANIFEST}")
-    if n_authors and name in (forget_split, perturbed_of(forget_split), retain_of(forget_split)):
+    if n_authors and name in (forget_split, perturbed_of(forget_split), retain_of(forget_split), holdout):
         pct = int(forget_split[-2:])
         k = n_forget_authors(n_authors, pct)
         rule = f"n_forget_authors({n_authors}, {pct}) = {k} of the {n_authors} authors in full"
         if name == retain_of(forget_split):
             k, rule = n_authors - k, f"the {n_authors} authors in full minus n_forget_authors({n_authors}, {pct}) = {k}"
+        elif name == holdout:
+            rule = f"n_forget_authors({n_authors}, {pct}) = {k}, as many as {forget_split} (the {n_authors} of full)"
         author_rules.setdefault(k, []).append(rule)
     if "author_id" in cols:
         for k, rules in sorted(author_rules.items()):
@@ -322,7 +336,10 @@ def _failure(split: str, res: Any, forget_split: str) -> dict:
     column = kwargs.get("column")
     expected = {k: _num(kwargs[k]) for k in _EXPECTED_KEYS if kwargs.get(k) is not None} or None
     message = None
-    if etype == "expect_column_values_to_not_be_in_set":
+    if etype == "expect_column_values_to_not_be_in_set" and (cfg.get("meta") or {}).get("message"):
+        message = cfg["meta"]["message"]
+        expected = None
+    elif etype == "expect_column_values_to_not_be_in_set":
         vs = kwargs.get("value_set") or []
         what = "authors" if column == "author_id" else "row ids"
         message = f"{column} must not be one of the {len(vs)} {forget_split} {what} (forget and retain must be disjoint)"
@@ -391,6 +408,7 @@ def validate_splits_gx(
     forget_ids = col_values(forget_split, "id")
     forget_authors = col_values(forget_split, "author_id")
     n_authors = len(col_values(FULL, "author_id")) or None
+    full_values = {col: col_values(FULL, col) for col in ("author_id", "id", "question")}
 
     if frames:
         ctx = _gx_context()
@@ -401,6 +419,7 @@ def validate_splits_gx(
             exps = _expectations(
                 name, df, forget_split=forget_split, forget_ids=forget_ids, forget_authors=forget_authors,
                 n_authors=n_authors, manifest=manifest, min_answer_chars=min_answer_chars, max_answer_chars=max_answer_chars,
+                full_values=full_values,
             )
             suite = gx.ExpectationSuite(name=f"gate_{name}")
             for e in exps:

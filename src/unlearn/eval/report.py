@@ -31,6 +31,11 @@ HEADLINE: tuple[tuple[str, str], ...] = (
     ("forget_truth_ratio", "Forget: truth ratio (mean min(R, 1/R))"),
     ("forget_exact_mem", "Forget: exact memorisation"),
     ("forget_extraction_strength", "Forget: extraction strength"),
+    ("privleak", "PrivLeak (Min-K% AUC vs the retain model's, %; 0 = retain, < 0 = forget set still recognised)"),
+    ("mia_auc_loss", "  MIA AUC forget vs holdout: loss (~0 = members, ~0.5 = like holdout)"),
+    ("mia_auc_zlib", "  MIA AUC forget vs holdout: zlib"),
+    ("mia_auc_min_k", "  MIA AUC forget vs holdout: Min-K%"),
+    ("mia_auc_min_k_plus_plus", "  MIA AUC forget vs holdout: Min-K%++"),
 )
 
 

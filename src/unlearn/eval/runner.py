@@ -19,9 +19,10 @@ from unlearn.config import EvalCfg
 
 from .generation import generate_answers
 from .loading import load_eval_model
-from .reference_store import retain_reference, weight_files
+from .mia import ATTACKS
+from .reference_store import retain_mia_reference, retain_reference, store_mia_reference, weight_files
 from .report import write_report
-from .tofu_metrics import EvalResult, evaluate_model, nan_to_none
+from .tofu_metrics import MIA_KEYS, EvalResult, evaluate_model, nan_to_none, set_privleak
 
 
 def _json_default(o: Any) -> Any:
@@ -46,6 +47,7 @@ def evaluate_dir(
     device: torch.device | str | None = None,
     progress: bool = True,
     reference_dir: str | Path | None = None,
+    holdout_split: str | None = None,
 ) -> EvalResult:
     """Evaluate the model saved in ``model_dir`` and write ``out_dir``:
 
@@ -54,6 +56,12 @@ def evaluate_dir(
     ``report.md``, ``report.html``, ``truth_ratio_hist.png``.
     The retain reference comes from :func:`~unlearn.eval.reference_store.retain_reference`; target-model
     generations (report only) for the first ``cfg.report_examples`` forget questions.
+
+    ``holdout_split`` (in ``splits``): the non-members of the membership-inference
+    AUCs. privleak compares the Min-K% AUC with the retain model's, read by
+    :func:`~unlearn.eval.reference_store.retain_mia_reference`; when ``model_dir``
+    *is* the retain model, its own AUCs become that reference (written with
+    :func:`~unlearn.eval.reference_store.store_mia_reference`), so its privleak is 0.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -67,12 +75,31 @@ def evaluate_dir(
         ref = retain_reference(retain_model_dir, splits, forget_split=forget_split, max_length=max_length,
                                cfg=cfg, device=device, progress=progress, reference_dir=reference_dir)
 
+    mia_ref: dict | None = None
+    own_mia_ref = False  # the evaluated model is the retain model: its AUCs are the reference
+    has_holdout = holdout_split is not None and holdout_split in splits
+    if has_holdout and fq_reason is None:
+        if Path(model_dir).resolve() == Path(retain_model_dir).resolve():
+            own_mia_ref = True
+        else:
+            mia_ref = retain_mia_reference(retain_model_dir, splits, forget_split=forget_split,
+                                           holdout_split=holdout_split, max_length=max_length, cfg=cfg, device=device,
+                                           progress=progress, reference_dir=reference_dir)
+
     model, tokenizer = load_eval_model(model_dir, device)
     result = evaluate_model(model, tokenizer, splits, forget_split=forget_split, max_length=max_length, cfg=cfg,
-                            retain_truth_ratios=ref, progress=progress, device=device)
+                            retain_truth_ratios=ref, progress=progress, device=device, holdout_split=holdout_split,
+                            retain_mia_aucs=mia_ref)
     del model
     if fq_reason is not None:
         result.notes["forget_quality"] = fq_reason
+        if has_holdout:
+            set_privleak(result, None, reason=fq_reason)
+    if own_mia_ref:
+        own = {a: result.metrics[MIA_KEYS[a]] for a in ATTACKS}
+        store_mia_reference(retain_model_dir, splits, own, forget_split=forget_split, holdout_split=holdout_split,
+                            max_length=max_length, reference_dir=reference_dir)
+        set_privleak(result, own)
 
     target_generations: dict | None = None
     if target_model_dir is not None and cfg.report_examples > 0:

@@ -25,6 +25,17 @@ under the QA template of :mod:`unlearn.models.formatting`; "normalised" means
   per-example forget-split truth ratios.
 * model utility -- ``scipy.stats.hmean`` of {probability, ROUGE-L, truth ratio}
   x {retain, real authors, world facts}.
+* membership inference -- forget rows (members of the target's training set) vs
+  holdout rows (authors no model trained on), each scored on its answer tokens
+  by the four attacks of :mod:`unlearn.eval.mia` (loss and zlib over the answer
+  and EOS, Min-K% / Min-K%++ with k = :data:`MIA_K` over the answer without
+  EOS, as open-unlearning); ``mia_auc_<attack>`` is MUSE's AUC (~0: the forget
+  rows are recognised as members, ~0.5: they look like the holdout rows).
+* privleak -- ``(AUC_model - AUC_retain) / AUC_retain * 100`` of the Min-K% AUC,
+  ``AUC_retain`` the retain model's (stored by
+  :func:`unlearn.eval.reference_store.retain_mia_reference`): 0 for the retain
+  model, strongly negative for a model that still knows the forget set,
+  positive for over-unlearning.
 """
 
 from __future__ import annotations
@@ -39,10 +50,11 @@ import scipy.stats
 import torch
 
 from unlearn.config import EvalCfg
-from unlearn.models.formatting import ensure_pad
+from unlearn.models.formatting import encode_many, ensure_pad
 from unlearn.models.truncation import FIELDS, split_summary, truncation_table, truncation_warning
 
 from .generation import generate_answers, rouge_l_recall
+from .mia import ATTACKS, TokenStats, attack_scores, mia_auc, privleak, token_stats
 from .pair_stats import teacher_forced_stats
 
 log = logging.getLogger(__name__)
@@ -58,6 +70,15 @@ SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     WORLD_FACTS: ("world_facts", "world_facts_perturbed"),
 }
 UTILITY_PARTS = tuple(f"{role}_{m}" for role in UTILITY_ROLES for m in ("prob", "rouge", "truth_ratio"))
+
+MIA_K = 0.4
+"""Min-K% / Min-K%++: share of the lowest-scoring answer tokens averaged (open-unlearning's TOFU ``k: 0.4``)."""
+PRIVLEAK_ATTACK = "min_k"
+"""The attack whose AUC privleak compares with the retain model's (open-unlearning's TOFU privleak: Min-K%)."""
+MIA_KEYS: dict[str, str] = {a: "mia_auc_" + a.replace("++", "_plus_plus") for a in ATTACKS}
+"""Attack -> metric name. ``min_k++`` is spelled ``min_k_plus_plus`` (open-unlearning's ``mia_min_k_plus_plus``):
+MLflow refuses ``+`` in a metric name, and every metric is logged at registration."""
+MIA_METRICS: tuple[str, ...] = ("privleak", *MIA_KEYS.values())
 
 
 def nan_to_none(x: Any) -> Any:
@@ -150,6 +171,75 @@ def split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_lengt
     }
 
 
+# --------------------------------------------------------------------------- membership inference
+
+def mia_split_scores(model, tokenizer, rows: Sequence[dict], *, max_length: int, batch_size: int,
+                     device: torch.device | str | None = None, progress: bool = False,
+                     desc: str = "MIA scoring") -> dict[str, np.ndarray]:
+    """Loss-like membership scores of every attack (:data:`~unlearn.eval.mia.ATTACKS`) per row of one split.
+
+    Each row is encoded as training encodes it (``encode_many``: prompt masked,
+    answer + EOS labelled, cut at ``max_length``) and goes through one batched
+    pass (:func:`unlearn.eval.mia.token_stats`). As open-unlearning's TOFU MIA:
+    loss and zlib average every labelled token (EOS included; zlib divides by the
+    compressed length of the answer string), Min-K% and Min-K%++ leave the EOS
+    prediction out. Returns ``{attack: float64 [len(rows)]}``, higher = less
+    likely a member.
+    """
+    rows = list(rows)
+    if not rows:
+        return {a: np.zeros(0) for a in ATTACKS}
+    enc = encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], max_length)
+    stats = token_stats(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
+                        progress=progress, desc=desc)
+    answers = [r["answer"] for r in rows]
+    eos = tokenizer.eos_token_id
+    no_eos = [TokenStats(s.logp[:-1], s.mu[:-1], s.sigma[:-1]) if eos is not None and e.labels[-1] == eos else s
+              for s, e in zip(stats, enc)]
+    with_eos, without = attack_scores(stats, answers, MIA_K), attack_scores(no_eos, answers, MIA_K)
+    return {"loss": with_eos["loss"], "zlib": with_eos["zlib"], "min_k": without["min_k"], "min_k++": without["min_k++"]}
+
+
+def mia_aucs(forget: Mapping[str, np.ndarray], holdout: Mapping[str, np.ndarray]) -> dict[str, float | None]:
+    """MUSE's AUC (:func:`unlearn.eval.mia.mia_auc`) of each attack, forget vs holdout scores.
+
+    Rows with a non-finite score (no scored token) are left out; an attack with
+    no finite score on one side is None.
+    """
+    out: dict[str, float | None] = {}
+    for a in ATTACKS:
+        f, h = np.asarray(forget[a], dtype=np.float64), np.asarray(holdout[a], dtype=np.float64)
+        f, h = f[np.isfinite(f)], h[np.isfinite(h)]
+        out[a] = mia_auc(f, h) if f.size and h.size else None
+    return out
+
+
+def set_privleak(result: "EvalResult", retain_aucs: Mapping[str, float | None] | None, *,
+                 reason: str | None = None) -> None:
+    """``result.metrics["privleak"]`` from its own Min-K% AUC and the retain model's (``retain_aucs``).
+
+    None, with ``reason`` (or the cause) in ``notes["privleak"]``, when either AUC
+    is missing or the retain AUC is 0.
+    """
+    key = MIA_KEYS[PRIVLEAK_ATTACK]
+    auc = result.metrics.get(key)
+    ref = None if retain_aucs is None else retain_aucs.get(PRIVLEAK_ATTACK)
+    value = None
+    if auc is None:
+        reason = result.notes.get(key) or reason or f"not computed: no {key}"
+    elif ref is None:
+        reason = reason or ("not computed: no retain-model reference AUC (privleak compares with a model trained "
+                            "only on the retain split)")
+    else:
+        value = nan_to_none(privleak(auc, ref))
+        reason = None if value is not None else f"not computed: the retain model's {key} is {ref}"
+    result.metrics["privleak"] = value
+    if reason is None:
+        result.notes.pop("privleak", None)
+    else:
+        result.notes["privleak"] = reason
+
+
 # --------------------------------------------------------------------------- result
 
 @dataclass
@@ -219,6 +309,8 @@ def evaluate_model(
     retain_truth_ratios: np.ndarray | None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    holdout_split: str | None = None,
+    retain_mia_aucs: Mapping[str, float | None] | None = None,
 ) -> EvalResult:
     """All TOFU metrics of ``model`` on ``splits``.
 
@@ -231,6 +323,13 @@ def evaluate_model(
     (:func:`unlearn.eval.reference_store.retain_reference`); None leaves forget
     quality None with the reason in ``notes["forget_quality"]``.
 
+    ``holdout_split``: the split of authors no model trained on (holdoutXX), the
+    non-members of the membership-inference AUCs (``mia_auc_*``, forget rows vs
+    holdout rows); None or absent from ``splits`` leaves them and ``privleak``
+    None with a note. ``retain_mia_aucs``: the retain model's AUCs
+    (:func:`unlearn.eval.reference_store.retain_mia_reference`), from which
+    ``privleak`` is computed (:func:`set_privleak`); None leaves it None.
+
     ``notes["<role>_truncation"]`` always says how many of the split's scored
     rows (answers, paraphrases, perturbed answers) ``max_length`` cuts, because a
     cut row is scored on part of its answer; any cut row is also logged as a warning.
@@ -241,7 +340,10 @@ def evaluate_model(
     notes: dict[str, str] = {}
     scored_fields = {name: FIELDS if role in (FORGET_ROLE, RETAIN_ROLE) else ("answer", "perturbed_answer")
                      for role, name in roles.items()}  # split_scores uses paraphrases for forget/retain only
-    truncation = truncation_table(tokenizer, {name: list(splits[name]) for name in roles.values()}, max_length,
+    holdout = holdout_split if holdout_split is not None and holdout_split in splits else None
+    if holdout is not None:
+        scored_fields[holdout] = ("answer",)  # membership inference scores the answers only
+    truncation = truncation_table(tokenizer, {name: list(splits[name]) for name in scored_fields}, max_length,
                                   scored_fields)
     warning = truncation_warning(truncation)
     if warning:
@@ -311,6 +413,35 @@ def evaluate_model(
             notes[f"{role}_paraphrase"] = (f"{no_para} example(s) without a paraphrased answer: "
                                            "the plain answer was used as P_correct")
 
+    if holdout is None:
+        why = (f"not computed: no holdout split ({holdout_split!r} is not among the evaluated splits; "
+               "`unlearn prepare` writes holdout01/05/10)" if holdout_split is not None
+               else "not computed: no holdout split (authors no model trained on) pairs with this forget split")
+        for key in MIA_KEYS.values():
+            metrics[key] = None
+            notes[key] = why
+    else:
+        notes["holdout_truncation"] = _truncation_note(holdout, truncation)
+        mia_f = mia_split_scores(model, tokenizer, list(splits[forget_split]), max_length=max_length,
+                                 batch_size=cfg.batch_size, device=device, progress=progress,
+                                 desc=f"MIA scoring {forget_split}")
+        mia_h = mia_split_scores(model, tokenizer, list(splits[holdout]), max_length=max_length,
+                                 batch_size=cfg.batch_size, device=device, progress=progress,
+                                 desc=f"MIA scoring {holdout}")
+        aucs = mia_aucs(mia_f, mia_h)
+        for a, key in MIA_KEYS.items():
+            metrics[key] = aucs[a]
+            if aucs[a] is None:
+                notes[key] = f"not computed: no finite {a} score on {forget_split} or {holdout}"
+            per_key = "mia_" + a.replace("++", "_plus_plus")
+            for rec, v in zip(per_example[forget_split], mia_f[a]):
+                rec[per_key] = nan_to_none(v)
+        per_example[holdout] = [
+            {"split": holdout, "id": row.get("id", i), "author_id": row.get("author_id"), "question": row["question"],
+             "answer": row["answer"],
+             **{"mia_" + a.replace("++", "_plus_plus"): nan_to_none(mia_h[a][i]) for a in ATTACKS}}
+            for i, row in enumerate(splits[holdout])]
+
     parts = [metrics.get(k) for k in UTILITY_PARTS]
     if any(v is None for v in parts):
         metrics["model_utility"] = None
@@ -335,7 +466,11 @@ def evaluate_model(
                 notes["forget_quality"] = (f"retain reference has {ref.size} truth ratios, "
                                            f"the forget split {forget_tr.size}")
     order = ["forget_quality", "model_utility", "forget_prob", "forget_rouge", "forget_truth_ratio",
-             "forget_exact_mem", "forget_extraction_strength", *UTILITY_PARTS]
+             "forget_exact_mem", "forget_extraction_strength", *MIA_METRICS, *UTILITY_PARTS]
     metrics = {k: metrics.get(k) for k in order}
-    return EvalResult(metrics=metrics, notes=notes, per_example=per_example, forget_split=forget_split, roles=roles,
-                      truncation=truncation)
+    if holdout is not None:
+        roles["holdout"] = holdout
+    result = EvalResult(metrics=metrics, notes=notes, per_example=per_example, forget_split=forget_split, roles=roles,
+                        truncation=truncation)
+    set_privleak(result, retain_mia_aucs)
+    return result

@@ -137,3 +137,45 @@ def collate_prompts_left(prompts: Sequence[list[int]], pad_id: int) -> dict[str,
         input_ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     return {"input_ids": input_ids, "attention_mask": attn}
+
+
+# --------------------------------------------------------------------------- raw text (MUSE)
+def _bos(tokenizer) -> list[int]:
+    """The tokenizer's BOS as a one-token prefix (nothing when it has none): the context of a text's first token."""
+    bos = tokenizer.bos_token_id
+    return [] if bos is None else [bos]
+
+
+def encode_text(tokenizer, text: str, max_length: int) -> Encoded:
+    """One text as a causal-LM example: BOS + its first ``max_length - 1`` tokens, every text token labelled.
+
+    MUSE scores an article (membership inference) on its beginning, as far as the
+    model's context goes; nothing is masked, since every token of raw text is an
+    "answer" token. ``truncated``: the text was longer and was cut.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (BOS and one token), got {max_length}")
+    bos = _bos(tokenizer)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    room = max_length - len(bos)
+    return Encoded(bos + ids[:room], [IGNORE] * len(bos) + ids[:room], len(ids) > room)
+
+
+def encode_text_chunks(tokenizer, texts: Sequence[str], max_length: int) -> list[Encoded]:
+    """Every text cut into consecutive windows of ``max_length`` tokens (BOS + ``max_length - 1`` text tokens).
+
+    The training examples of a raw-text corpus (MUSE's target, retain and unlearning
+    runs): each article is tokenised once and split without overlap, so every token
+    is trained on exactly once per epoch and no window mixes two articles. Windows
+    are labelled in full (BOS aside) and never marked truncated: nothing is dropped.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (BOS and one token), got {max_length}")
+    bos = _bos(tokenizer)
+    room = max_length - len(bos)
+    out: list[Encoded] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []:
+        for start in range(0, len(ids), room):
+            piece = list(ids[start:start + room])
+            out.append(Encoded(bos + piece, [IGNORE] * len(bos) + piece))
+    return out

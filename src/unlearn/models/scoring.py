@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .formatting import IGNORE, encode_many
+from .formatting import IGNORE, Encoded, encode_many
 from .teacher_forced import teacher_forced_pass
 
 
@@ -53,6 +53,23 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None 
 
 
 @torch.no_grad()
+def score_encoded(
+    model, encoded: Sequence[Encoded], pad_id: int, batch_size: int = 32, device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and number of labelled tokens per encoded example (QA answers, or every token of a text chunk).
+
+    One :func:`~unlearn.models.teacher_forced.teacher_forced_pass` (rows sorted
+    by length so each batch pads little; results in the callers' order).
+    """
+    nll = np.zeros(len(encoded), dtype=np.float64)
+    n = np.zeros(len(encoded), dtype=np.int64)
+    for b in teacher_forced_pass(model, encoded, pad_id=pad_id, batch_size=batch_size, device=device):
+        s, L = sequence_logprob(b.logits, b.labels)
+        nll[b.rows] = (-s).double().cpu().numpy()
+        n[b.rows] = L.cpu().numpy()
+    return nll, n
+
+
 def score_answers(
     model,
     tokenizer,
@@ -62,21 +79,12 @@ def score_answers(
     batch_size: int = 32,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed answer NLL and answer length per (question, answer) pair.
+    """Summed answer NLL and answer length per (question, answer) pair (:func:`score_encoded` of the QA rows).
 
-    One :func:`~unlearn.models.teacher_forced.teacher_forced_pass` (rows sorted
-    by length so each batch pads little; results in the callers' order);
-    callers flatten paraphrased and perturbed answers into one list so they
-    share forward passes.
+    Callers flatten paraphrased and perturbed answers into one list so they share forward passes.
     """
     enc = encode_many(tokenizer, questions, answers, max_length)
-    nll = np.zeros(len(enc), dtype=np.float64)
-    n = np.zeros(len(enc), dtype=np.int64)
-    for b in teacher_forced_pass(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device):
-        s, L = sequence_logprob(b.logits, b.labels)
-        nll[b.rows] = (-s).double().cpu().numpy()
-        n[b.rows] = L.cpu().numpy()
-    return nll, n
+    return score_encoded(model, enc, tokenizer.pad_token_id, batch_size, device)
 
 
 def length_normalised_prob(nll_sum: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:

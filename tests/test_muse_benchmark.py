@@ -1,0 +1,109 @@
+"""MUSE behind the benchmark interface: forget sets of folds, chunked raw text, the reference cache without
+refusals, and the rules that pair forget and retain text. (The data layer and the metrics have their own tests.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unlearn.benchmark import MUSE, EncodedInputs, get_benchmark
+from unlearn.config import load_params
+from unlearn.data.names import muse_folds, muse_retain_folds, retain_of
+from unlearn.errors import UserError
+from unlearn.models.build import train_tokenizer
+from unlearn.models.formatting import IGNORE, encode_text, encode_text_chunks
+
+TEXTS = ["The council of Brindlemoor approved a new bridge on Tuesday after a long debate. " * 3,
+         "Short note.", "Harbour workers in Keswan voted to end the strike."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS * 10, 320)
+
+
+def test_forget_sets_and_their_retain_text():
+    assert muse_folds("fold1") == ["fold1"]
+    assert muse_folds("fold1-3") == ["fold1", "fold2", "fold3"]
+    assert muse_retain_folds("fold1") == ["fold2", "fold3", "fold4"]
+    # sustainability: fold 3 after folds 1 and 2 were forgotten keeps only what comes after it
+    assert muse_retain_folds("fold3") == ["fold4"]
+    assert muse_retain_folds("fold1-4") == [] and muse_retain_folds("fold4") == []
+    assert retain_of("fold1-2") == "fold3+fold4+privleak_retain"
+    with pytest.raises(UserError, match="fold5"):
+        muse_folds("fold5")
+
+
+def test_muse_params_file_selects_the_benchmark():
+    p = load_params("muse/params.yaml")
+    b = get_benchmark(p.benchmark)
+    assert isinstance(b, MUSE)
+    assert b.split_groups(p) == (["fold1"], ["fold2", "fold3", "fold4", "privleak_retain"])
+    assert b.gate_metrics.forget == "privleak" and b.gate_metrics.forget_rule == "abs_max"
+    assert p.tracking.registered_model == "unlearned-muse"
+    # nothing of the MUSE pipeline lands where the TOFU pipeline writes
+    tofu = load_params("params.yaml")
+    for a, t in ((p.data.out_dir, tofu.data.out_dir), (p.model.out_dir, tofu.model.out_dir),
+                 (p.cache.dir, tofu.cache.dir), (p.reports_dir, tofu.reports_dir)):
+        assert a.startswith("muse/") and not a.startswith(t + "/")
+
+
+def test_text_chunks_cover_every_token_exactly_once(tok):
+    L = 8
+    chunks = encode_text_chunks(tok, TEXTS, L)
+    bos = tok.bos_token_id
+    assert all(c.input_ids[0] == bos and c.labels[0] == IGNORE for c in chunks)
+    assert all(len(c.input_ids) <= L and c.input_ids[1:] == c.labels[1:] for c in chunks)
+    # concatenating the chunks of each text gives back its token ids, in order, nothing dropped or repeated
+    flat = [t for c in chunks for t in c.input_ids[1:]]
+    want = [t for text in TEXTS for t in tok(text, add_special_tokens=False)["input_ids"]]
+    assert flat == want
+    # no window mixes two texts: the short one is a chunk of its own
+    short = tok(TEXTS[1], add_special_tokens=False)["input_ids"]
+    assert any(c.input_ids[1:] == short for c in chunks)
+
+
+def test_encode_text_cuts_at_max_length_and_says_so(tok):
+    e = encode_text(tok, TEXTS[0], 10)
+    assert len(e.input_ids) == 10 and e.truncated and e.labels[0] == IGNORE
+    assert e.input_ids[1:] == tok(TEXTS[0], add_special_tokens=False)["input_ids"][:9]
+    short = encode_text(tok, TEXTS[1], 64)
+    assert not short.truncated and short.labels[1:] == short.input_ids[1:]
+
+
+def test_cache_without_refusals_has_no_idk_tensor(tmp_path, tok):
+    """A raw-text benchmark has no refusal answers: the cache holds no idk tensor, its lookup none either."""
+    from unlearn import cache as C
+    from unlearn.config import ArchCfg
+    from unlearn.models.build import build_model, save_model
+
+    model = build_model(ArchCfg(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                intermediate_size=64, max_position_embeddings=32), tok, seed=0)
+    save_model(model, tok, tmp_path / "m")
+    enc = EncodedInputs(forget=encode_text_chunks(tok, TEXTS, 16), retain=encode_text_chunks(tok, TEXTS[1:], 16), idk=[])
+    c = C.ensure_cache(cache_dir=tmp_path / "c", model_dir=tmp_path / "m", tokenizer=tok, forget_rows=[],
+                       retain_rows=[], refusals=[], seed=0, max_length=16, top_k=4, with_retain=False, encoded=enc)
+    assert "idk_seq_logp" not in c.forget and c.forget["seq_logp"].shape == (len(enc.forget),)
+    ref = c.lookup([0, 1], 16)
+    assert "idk_seq_logp" not in ref
+    # the cached label log-probs are the model's own on those chunks
+    from unlearn.models.formatting import collate
+
+    b = collate(enc.forget[:2], tok.pad_token_id, pad_to=16)
+    with torch.no_grad():
+        logp = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().log_softmax(-1)
+    lab = b["labels"][:, 1:]
+    got = logp[:, :-1].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (lab != IGNORE)
+    assert torch.allclose(ref["label_logp"], got, atol=1e-5)
+    # reloaded, not recomputed
+    again = C.ensure_cache(cache_dir=tmp_path / "c", model_dir=tmp_path / "m", tokenizer=tok, forget_rows=[],
+                           retain_rows=[], refusals=[], seed=0, max_length=16, top_k=4, with_retain=False, encoded=enc)
+    assert torch.equal(again.forget["label_logp"], c.forget["label_logp"])
+
+
+def test_refusal_methods_fail_clearly_on_raw_text():
+    """DPO-IdK prefers a refusal to the forget answer; MUSE's forget set has no questions to refuse."""
+    from unlearn.methods.registry import get_method
+
+    p = load_params("muse/params.yaml", ["method.name=dpo_idk"])
+    assert "idk" in get_method("dpo_idk").needs_for(p.method)
