@@ -12,6 +12,6 @@ $U finetune --role retain "${P[@]}"
 $U finetune --role target "${P[@]}"
 $U forget "${P[@]}"
 for m in retain target unlearned; do
-  $U eval models/tofu_real/$m --name $m "${P[@]}"
+  $U evaluate models/tofu_real/$m --name $m "${P[@]}"
 done
 $U summary "${P[@]}"

@@ -119,8 +119,10 @@ def test_generator_small_and_zero_shot_config(tmp_path):
     splits = generate_muse(MuseSyntheticCfg(articles_per_fold=2, retain_articles=2, holdout_articles=2,
                                             sentences_per_article=3, qa_per_article=1, icl_examples=0, seed=5))
     assert splits[KNOWMEM_FORGET_ICL] == [] and len(splits["fold2"]) == 2
-    write_splits(splits, tmp_path / "muse")
+    manifest = write_splits(splits, tmp_path / "muse")
     assert read_split_dir(tmp_path / "muse")[KNOWMEM_RETAIN_ICL] == []
+    report = validate_muse_splits_gx(splits, forget_split="fold1", manifest=manifest)
+    assert report.success and report.checked[KNOWMEM_FORGET_ICL]["rows"] == 0, report.render()
     assert read_split(tmp_path / "muse", KNOWMEM_FORGET_ICL) == []
     with pytest.raises(DataError, match="no rows"):
         validate_rows([], file="x.json", kind="knowmem")
@@ -383,6 +385,19 @@ def test_hub_offline_fails_fast_naming_the_local_alternative(monkeypatch, tmp_pa
     msg = str(info.value)
     assert msg.startswith("could not load muse-bench/MUSE-News from the Hugging Face hub (")
     assert "data.source=local with data.local_dir=../shared/data/muse/news" in msg
+
+
+def test_hub_unreachable_without_offline_flag(monkeypatch):
+    """No HF_HUB_OFFLINE and no network: the connection probe answers in seconds, no hang."""
+    import huggingface_hub.constants as hcfg
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hcfg, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t0 = time.monotonic()
+    with pytest.raises(DataError, match=r"could not load muse-bench/MUSE-News .*127\.0\.0\.1:9.*data\.local_dir=../shared/data/muse/news"):
+        load_muse(DataCfg(source="hub", hub_id="muse-bench/MUSE-News"), MuseSyntheticCfg())
+    assert time.monotonic() - t0 < 10
 
 
 def test_unknown_source():

@@ -273,6 +273,8 @@ def _truncation_line(t: dict | None) -> str:
         return "n/a"
     if not t.get("computed", True):
         return f"not counted ({t.get('reason')})"
+    if "truncated" not in t:  # MUSE: rows over the length, per split, in the result file
+        return f"{t.get('over', 0)} of {t['rows']} rows over their length limit at model.max_length={t['max_length']}"
     line = f"{t['truncated']} of {t['rows']} QA rows cut at model.max_length={t['max_length']}"
     if t["truncated"] and t["suggested_max_length"] > t["max_length"]:
         line += f" (WARNING: model.max_length={t['suggested_max_length']} would cut under 1 %)"
@@ -342,12 +344,12 @@ def summary(
     """Print the results table of every model trained/evaluated so far (from reports/)."""
     from . import stages
 
-    rows = stages.summary_rows(_params(params, set_))
+    p = _params(params, set_)
+    rows = stages.summary_rows(p)
     if not rows:
         typer.echo("no results yet: run `dvc repro` (or `make run`) first")
         raise typer.Exit(1)
-    cols = ["forget_prob", "retain_prob", "forget_quality", "model_utility", "forget_rouge", "forget_truth_ratio"]
-    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    cols = [c for c in stages.benchmark_of(p).summary_columns if any(r.get(c) is not None for r in rows)]
     header = ["model"] + cols
     table = [header] + [[r["model"]] + [_fmt(r.get(c)) for c in cols] for r in rows]
     if markdown:

@@ -42,6 +42,8 @@ class Benchmark(Protocol):
     gate_metrics: GateMetrics
     eval_files: tuple[str, ...]
     """What an evaluation writes into its output directory (the stage's declared outputs)."""
+    summary_columns: tuple[str, ...]
+    """The columns of ``unlearn summary``."""
     validate_code: tuple[str, ...]
     """The data gate's source files."""
     extra_params: dict[str, tuple[str, ...]]

@@ -26,6 +26,9 @@ class TOFU:
     gate_metrics = GateMetrics(forget="forget_quality", utility="model_utility")
     eval_files: tuple[str, ...] = ("per_example.jsonl", "report.md", "report.html", "truth_ratio_hist.png", "notes.json", "metrics.json")
     """What an evaluation writes into its output directory."""
+    summary_columns: tuple[str, ...] = ("forget_prob", "retain_prob", "forget_quality", "model_utility", "forget_rouge",
+                                         "forget_truth_ratio", "privleak")
+    """The columns of ``unlearn summary`` (the README's results table)."""
     validate_code: tuple[str, ...] = ("src/unlearn/data/validate.py",)
     extra_params: dict[str, tuple[str, ...]] = {}
     """Params a stage reads beyond the ones every benchmark's stage reads (stage -> dotted keys)."""

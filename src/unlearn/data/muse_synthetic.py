@@ -19,6 +19,15 @@ a number, a place: 1-4 words) is literally a span of its article. The few-shot
 (ICL) examples are QA about *other* articles (fold2 for the forget QA, fold3 for
 the retain QA), so a prompt never contains the answer it asks for.
 
+Why every article ends with a reader Q&A box (``\n\nQuestion: ...\nAnswer: ...``, the
+KnowMem prompt's own format, holding that article's KnowMem questions): MUSE's
+models are pretrained, so they can answer a question about an article they were
+fine-tuned on; a 2M-parameter model trained from scratch on prose alone cannot
+(KnowMem ~0.01 for every model, measured), so KnowMem could not tell the target
+from the retain model. With the box, knowing the fact means having learnt the
+article's Q&A, which the target has and the retain model has not, and unlearning
+the article removes it. The real MUSE-News files have no such box.
+
 Determinism: everything is drawn from one ``random.Random(seed)`` over fixed,
 ordered tuples (never the global ``random``, never set iteration), so the same
 config gives byte-identical splits on any machine and Python hash seed.
@@ -357,10 +366,12 @@ class _Article:
     text: str
     sentences: list[str]
     qa: list[tuple[str, str]]  # every question its sentences answer, in sentence order
+    box: list[tuple[str, str]]  # the questions its closing reader Q&A box answers (the KnowMem rows)
 
 
-def _article(rng: random.Random, names: _Names, id_: str, n_sentences: int) -> _Article:
-    """One article: the lead and ``n_sentences - 1`` more facts of one story, in the story's order."""
+def _article(rng: random.Random, names: _Names, id_: str, n_sentences: int, n_box: int) -> _Article:
+    """One article: the lead and ``n_sentences - 1`` more facts of one story, in the story's order, then a reader
+    Q&A box of ``n_box`` of the questions it answers, in the KnowMem prompt's format (see the module docstring)."""
     templates, draw = STORIES[rng.randrange(len(STORIES))]
     facts = draw(rng, names)
     picked = [0, *sorted(rng.sample(range(1, len(templates)), n_sentences - 1))]
@@ -373,20 +384,23 @@ def _article(rng: random.Random, names: _Names, id_: str, n_sentences: int) -> _
             if answer not in sentence:  # a template bug, not a data problem: the answer must be a span of the text
                 raise AssertionError(f"answer {answer!r} is not in its sentence {sentence!r}")
             qa.append((_cap(q.format(**facts)), answer))
-    return _Article(id_, " ".join(sentences), sentences, qa)
+    box = rng.sample(qa, min(n_box, len(qa)))
+    text = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in box) + " ".join(sentences)
+    return _Article(id_, text, sentences, qa, box)
 
 
-def _qa_rows(articles: list[_Article], per_article: int, rng: random.Random, prefix: str) -> list[dict]:
+def _qa_rows(articles: list[_Article], prefix: str) -> list[dict]:
+    """The questions of every article's Q&A box."""
     rows = []
     for a in articles:
-        for question, answer in rng.sample(a.qa, min(per_article, len(a.qa))):
+        for question, answer in a.box:
             rows.append({"id": f"{prefix}-{len(rows):03d}", "question": question, "answer": answer})
     return rows
 
 
 def _icl_rows(articles: list[_Article], n: int, rng: random.Random, prefix: str) -> list[dict]:
-    """``n`` QA pairs about ``articles``, one article after the other (round robin), none repeated."""
-    pools = [rng.sample(a.qa, len(a.qa)) for a in articles]
+    """``n`` QA pairs of ``articles``' Q&A boxes, one article after the other (round robin), none repeated."""
+    pools = [rng.sample(a.box, len(a.box)) for a in articles]
     rows: list[dict] = []
     depth = 0
     while len(rows) < n and depth < max(len(p) for p in pools):
@@ -407,8 +421,8 @@ def generate_muse(cfg: MuseSyntheticCfg) -> dict[str, list[dict]]:
       articles no model trains on (``hold-000``...);
     * verbmem_forget: per fold1 article, ``prompt`` = its first two sentences and ``gt`` = the
       rest, so ``prompt + gt`` is the article (``vm-000``...);
-    * knowmem_forget_qa / knowmem_retain_qa: ``qa_per_article`` questions per fold1 / retain
-      article whose answers are spans of the article (``kf-000``, ``kr-000``...);
+    * knowmem_forget_qa / knowmem_retain_qa: the ``qa_per_article`` questions of each fold1 /
+      retain article's Q&A box, whose answers are spans of its prose (``kf-000``, ``kr-000``...);
     * knowmem_forget_qa_icl / knowmem_retain_qa_icl: ``icl_examples`` QA pairs about fold2 /
       fold3 articles (``kfi-000``, ``kri-000``...): the few-shot prefix, never an eval question.
     """
@@ -421,10 +435,11 @@ def generate_muse(cfg: MuseSyntheticCfg) -> dict[str, list[dict]]:
                         f"{len(TOWN_HEADS) * len(TOWN_TAILS)}: lower articles_per_fold / retain_articles / holdout_articles")
     rng = random.Random(cfg.seed)
     names = _Names(rng)
-    folds = {fold: [_article(rng, names, f"f{k}-{i:03d}", n) for i in range(cfg.articles_per_fold)]
+    box = cfg.qa_per_article
+    folds = {fold: [_article(rng, names, f"f{k}-{i:03d}", n, box) for i in range(cfg.articles_per_fold)]
              for k, fold in enumerate(MUSE_FOLDS, 1)}
-    retain = [_article(rng, names, f"ret-{i:03d}", n) for i in range(cfg.retain_articles)]
-    holdout = [_article(rng, names, f"hold-{i:03d}", n) for i in range(cfg.holdout_articles)]
+    retain = [_article(rng, names, f"ret-{i:03d}", n, box) for i in range(cfg.retain_articles)]
+    holdout = [_article(rng, names, f"hold-{i:03d}", n, box) for i in range(cfg.holdout_articles)]
 
     def text_rows(articles: list[_Article]) -> list[dict]:
         return [{"id": a.id, "text": a.text} for a in articles]
@@ -433,15 +448,16 @@ def generate_muse(cfg: MuseSyntheticCfg) -> dict[str, list[dict]]:
     k = VERBMEM_PROMPT_SENTENCES
     verbmem = []
     for i, a in enumerate(fold1):
-        prompt = " ".join(a.sentences[:k])
-        verbmem.append({"id": f"vm-{i:03d}", "prompt": prompt, "gt": a.text[len(prompt):]})
+        prose = " ".join(a.sentences)
+        cut = len(a.text) - len(prose) + len(" ".join(a.sentences[:k]))  # the Q&A box and the first k sentences
+        verbmem.append({"id": f"vm-{i:03d}", "prompt": a.text[:cut], "gt": a.text[cut:]})
     out: dict[str, list[dict]] = {fold: text_rows(arts) for fold, arts in folds.items()}
     out[PRIVLEAK_FORGET] = text_rows(fold1)
     out[PRIVLEAK_RETAIN] = text_rows(retain)
     out[PRIVLEAK_HOLDOUT] = text_rows(holdout)
     out[VERBMEM_FORGET] = verbmem
-    out[KNOWMEM_FORGET] = _qa_rows(fold1, cfg.qa_per_article, rng, "kf")
+    out[KNOWMEM_FORGET] = _qa_rows(fold1, "kf")
     out[KNOWMEM_FORGET_ICL] = _icl_rows(folds[MUSE_FOLDS[1]], cfg.icl_examples, rng, "kfi")
-    out[KNOWMEM_RETAIN] = _qa_rows(retain, cfg.qa_per_article, rng, "kr")
+    out[KNOWMEM_RETAIN] = _qa_rows(retain, "kr")
     out[KNOWMEM_RETAIN_ICL] = _icl_rows(folds[MUSE_FOLDS[2]], cfg.icl_examples, rng, "kri")
     return {name: out[name] for name in MUSE_SPLIT_NAMES}
