@@ -19,7 +19,7 @@ help:
 	@echo "make run   - install into $(VENV) and run the whole pipeline on the built-in default (dvc repro)"
 	@echo "make test  - install into $(VENV) and run the test suite (what CI runs)"
 	@echo "make serve - start a local Prefect server and serve unlearn/tofu, unlearn/muse, unlearn/requests"
-	@echo "make clean - remove generated data, models, caches and reports (keeps $(VENV))"
+	@echo "make clean - remove generated data, models, caches and reports of both pipelines (keeps $(VENV))"
 
 venv: $(STAMP)
 
@@ -42,4 +42,4 @@ serve: $(STAMP)
 	BIN=$(BIN) flows/serve.sh
 
 clean:
-	rm -rf data/tofu models cache reports outputs mlruns mlflow.db .prefect
+	rm -rf data/tofu models cache reports outputs mlruns mlflow.db .prefect muse/data muse/models muse/cache muse/reports

@@ -101,9 +101,48 @@ def test_cache_without_refusals_has_no_idk_tensor(tmp_path, tok):
     assert torch.equal(again.forget["label_logp"], c.forget["label_logp"])
 
 
-def test_refusal_methods_fail_clearly_on_raw_text():
-    """DPO-IdK prefers a refusal to the forget answer; MUSE's forget set has no questions to refuse."""
-    from unlearn.methods.registry import get_method
+@pytest.fixture(scope="module")
+def muse_project(tmp_path_factory):
+    """A tiny MUSE run: 2 articles per fold, a one-layer model trained 2 epochs on the chunks of every fold."""
+    from unlearn import stages
 
-    p = load_params("muse/params.yaml", ["method.name=dpo_idk"])
-    assert "idk" in get_method("dpo_idk").needs_for(p.method)
+    d = tmp_path_factory.mktemp("muse")
+    arch = "{hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 2, " \
+           "intermediate_size: 64, max_position_embeddings: 256}"
+    ov = [f"data.out_dir={d}/data", f"model.out_dir={d}/models", f"cache.dir={d}/cache", f"reports_dir={d}/reports",
+          "muse.synthetic.articles_per_fold=2", "muse.synthetic.retain_articles=2", "muse.synthetic.holdout_articles=2",
+          "muse.synthetic.sentences_per_article=4", "model.max_length=64", f"model.arch={arch}",
+          "model.tokenizer.vocab_size=400", "finetune.epochs=2", "method.epochs=1", "method.batch_size=2"]
+    p = load_params("muse/params.yaml", ov)
+    stages.prepare(p)
+    stages.tokenizer(p)
+    stages.finetune(p, "target")
+    return p, ov
+
+
+def test_forget_runs_on_text_chunks(muse_project):
+    """Every method but DPO-IdK runs unchanged on MUSE: its forget rows are the chunks of the forgotten folds."""
+    from unlearn import stages
+    from unlearn.models.build import load_tokenizer
+
+    p, ov = muse_project
+    tok = load_tokenizer(stages.model_dir(p, "target"))
+    b = get_benchmark("muse")
+    enc = b.encode_inputs(p, tok, b.forget_inputs(p))
+    fold1 = stages.read_splits(p, ["fold1"])["fold1"]
+    assert len(enc.forget) >= len(fold1) and enc.idk == []
+    assert [t for e in enc.forget for t in e.input_ids[1:]] == \
+        [t for r in fold1 for t in tok(r["text"], add_special_tokens=False)["input_ids"]]
+    s = stages.forget(load_params("muse/params.yaml", [*ov, "method.name=graddiff"]))
+    assert s["method"] == "graddiff" and s["steps"] == -(-len(enc.forget) // 2)
+    assert (stages.model_dir(p, "unlearned") / "model.safetensors").exists()
+    assert 0 <= s["forget_prob"] <= 1 and 0 <= s["retain_prob"] <= 1
+
+
+def test_refusal_methods_fail_clearly_on_raw_text(muse_project):
+    """DPO-IdK prefers a refusal to the forget answer; MUSE's forget set has no questions to refuse."""
+    from unlearn import stages
+
+    _, ov = muse_project
+    with pytest.raises(ValueError, match="dpo_idk needs refusal answers.*raw text"):
+        stages.forget(load_params("muse/params.yaml", [*ov, "method.name=dpo_idk"]))

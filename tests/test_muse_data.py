@@ -89,7 +89,7 @@ def _capitalised(question: str) -> list[str]:
                                         (KNOWMEM_FORGET_ICL, "fold2"), (KNOWMEM_RETAIN_ICL, "fold3")])
 def test_knowmem_answers_are_spans_of_their_article(syn, qa, source):
     for r in syn[qa]:
-        assert 1 <= len(r["answer"].split()) <= 4, r
+        assert 1 <= len(r["answer"].split()) <= 5, r
         articles = [t for t in _texts(syn, source) if r["answer"] in t and all(w in t for w in _capitalised(r["question"]))]
         assert len(articles) == 1, r  # the question names its article, and the answer is in it
 
@@ -108,11 +108,14 @@ def test_verbmem_is_a_cut_fold1_article(syn):
 
 
 def test_article_token_lengths_with_a_2048_bpe(syn):
+    """Every article (Q&A box and prose) fits one training chunk of muse/params.yaml's max_length, BOS included."""
+    from unlearn.config import load_params
     from unlearn.models.build import train_tokenizer
 
     tok = train_tokenizer(_texts(syn, *MUSE_FOLDS, PRIVLEAK_RETAIN), 2048)
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in _texts(syn, *TEXT_SPLITS)]
-    assert 120 <= min(lengths) and max(lengths) <= 230 and 150 <= sum(lengths) / len(lengths) <= 200, lengths
+    max_length = load_params("muse/params.yaml").model.max_length
+    assert 150 <= min(lengths) and max(lengths) < max_length and 170 <= sum(lengths) / len(lengths) <= 240, lengths
 
 
 def test_generator_small_and_zero_shot_config(tmp_path):

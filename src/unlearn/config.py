@@ -234,7 +234,7 @@ class MuseSyntheticCfg(_Strict):
     holdout_articles: int = Field(12, ge=2, description="articles never trained on (privleak_holdout, the non-members)")
     sentences_per_article: int = Field(8, ge=3, description="fact sentences per article")
     qa_per_article: int = Field(
-        2, ge=1, description="questions in each article's closing Q&A box (the knowmem rows of fold1 / retain articles)")
+        2, ge=1, description="questions in each article's opening Q&A box (the knowmem rows of fold1 / retain articles)")
     icl_examples: int = Field(0, ge=0, description="few-shot QA pairs prepended to every knowmem question (0: none; see muse_synthetic)")
     seed: int = Field(0, description="seed of the generator")
 

@@ -15,18 +15,22 @@ discovery), about invented towns, people, organisations, numbers and dates (no
 real entities). The vocabulary varies where the facts are (names, places,
 numbers) and stays fixed elsewhere, so a model trained ~30 epochs on the folds can
 reproduce an article from its first sentences, and every KnowMem answer (a name,
-a number, a place: 1-4 words) is literally a span of its article. The few-shot
+a number, a place: 1-5 words) is literally a span of its article. The few-shot
 (ICL) examples are QA about *other* articles (fold2 for the forget QA, fold3 for
 the retain QA), so a prompt never contains the answer it asks for.
 
-Why every article ends with a reader Q&A box (``\n\nQuestion: ...\nAnswer: ...``, the
+Why every article opens with a reader Q&A box (``Question: ...\nAnswer: ...\n\n``, the
 KnowMem prompt's own format, holding that article's KnowMem questions): MUSE's
 models are pretrained, so they can answer a question about an article they were
 fine-tuned on; a 2M-parameter model trained from scratch on prose alone cannot
 (KnowMem ~0.01 for every model, measured), so KnowMem could not tell the target
 from the retain model. With the box, knowing the fact means having learnt the
 article's Q&A, which the target has and the retain model has not, and unlearning
-the article removes it. The real MUSE-News files have no such box.
+the article removes it. The box comes first because a small model recalls what it
+memorised from the start of a text: after the prose it answered 0.11 of the
+forget questions, before it 0.64. For the same reason the KnowMem prompt of the
+default has no few-shot pairs (``icl_examples: 0``): three pairs in front of the
+question took the target from 0.64 to 0.02. The real MUSE-News files have neither.
 
 Determinism: everything is drawn from one ``random.Random(seed)`` over fixed,
 ordered tuples (never the global ``random``, never set iteration), so the same
@@ -370,8 +374,8 @@ class _Article:
 
 
 def _article(rng: random.Random, names: _Names, id_: str, n_sentences: int, n_box: int) -> _Article:
-    """One article: the lead and ``n_sentences - 1`` more facts of one story, in the story's order, then a reader
-    Q&A box of ``n_box`` of the questions it answers, in the KnowMem prompt's format (see the module docstring)."""
+    """One article: a reader Q&A box of ``n_box`` of the questions it answers, in the KnowMem prompt's format (see the
+    module docstring), then the lead and ``n_sentences - 1`` more facts of one story, in the story's order."""
     templates, draw = STORIES[rng.randrange(len(STORIES))]
     facts = draw(rng, names)
     picked = [0, *sorted(rng.sample(range(1, len(templates)), n_sentences - 1))]
@@ -419,7 +423,7 @@ def generate_muse(cfg: MuseSyntheticCfg) -> dict[str, list[dict]]:
     * privleak_forget: fold1's articles (same ids); privleak_retain: ``retain_articles``
       always-trained articles (``ret-000``...); privleak_holdout: ``holdout_articles``
       articles no model trains on (``hold-000``...);
-    * verbmem_forget: per fold1 article, ``prompt`` = its first two sentences and ``gt`` = the
+    * verbmem_forget: per fold1 article, ``prompt`` = its Q&A box and first two sentences, ``gt`` = the
       rest, so ``prompt + gt`` is the article (``vm-000``...);
     * knowmem_forget_qa / knowmem_retain_qa: the ``qa_per_article`` questions of each fold1 /
       retain article's Q&A box, whose answers are spans of its prose (``kf-000``, ``kr-000``...);
