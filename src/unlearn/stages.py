@@ -451,7 +451,9 @@ def sequence(p: Params, kind: str, *, on_step=None) -> list[dict[str, Any]]:
     target_metrics = read_json(target_metrics_path)
     start = target
     manifest = read_json(Path(p.data.out_dir) / "manifest.json")
-    points = [{"step": 0, "forget_set": "none (target)", "requests": 0, "forget_articles": 0, **target_metrics}]
+    util = benchmark_of(p).gate_metrics.utility
+    points = [{"step": 0, "forget_set": "none (target)", "requests": 0, "forget_articles": 0, **target_metrics,
+               **({"utility_ratio": 1.0} if target_metrics.get(util) else {})}]
     for i, fs in enumerate(sequence_steps(kind), start=1):
         # The sequence's reference caches live with its models: the cache stage's directory is another stage's output.
         step_p = p.model_copy(update={"data": p.data.model_copy(update={"forget_split": fs}),
@@ -462,7 +464,6 @@ def sequence(p: Params, kind: str, *, on_step=None) -> list[dict[str, Any]]:
         result = evaluate(step_p, out, f"{kind}-{fs}", retain_dir=model_dir(p, "retain"), target_dir=target,
                           out_dir=sequence_reports(p, kind) / fs)
         m = dict(result.metrics)
-        util = benchmark_of(p).gate_metrics.utility
         if m.get(util) is not None and target_metrics.get(util):
             m["utility_ratio"] = m[util] / target_metrics[util]
         point = {"step": i, "forget_set": fs, "requests": i,
