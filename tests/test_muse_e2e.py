@@ -82,3 +82,4 @@ def test_sequences_record_every_step_and_plot(repo):
 def test_second_repro_runs_nothing(repo):
     res = sh(["dvc", "repro", PIPELINE], repo["dir"])
     assert "Running stage" not in res.stdout + res.stderr, res.stdout
+    assert "up to date" in sh(["dvc", "status", PIPELINE], repo["dir"]).stdout
