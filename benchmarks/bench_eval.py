@@ -38,10 +38,10 @@ def build_model(args, device):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from unlearn.models.formatting import format_prompt
+    from unlearn.models.template import PLAIN
 
     rows = synthetic_rows(200, 5, seed=1)
-    corpus = [format_prompt(r["question"]) + " " + r["answer"] for r in rows]
+    corpus = [PLAIN.corpus_text(r["question"], r["answer"]) for r in rows]
     tk = Tokenizer(models.BPE(unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))

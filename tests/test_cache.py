@@ -127,17 +127,18 @@ def test_changed_config_json_gives_a_new_key_and_new_values(model_dir, tmp_path)
     assert (a.forget["label_logp"] - b.forget["label_logp"]).abs().max() > 1e-4
 
 
-def test_changed_encoding_gives_a_new_key_and_matching_values(model_dir, tmp_path, monkeypatch):
-    """An encoding change outside the template string (here: no leading space) must reach the key and the values."""
+def test_changed_prompt_format_gives_a_new_key_and_matching_values(model_dir, tmp_path):
+    """A prompt-format change (model.template; here: no space before the answer) must reach the key and the values."""
     from unlearn.models.build import load_model, load_tokenizer
+    from unlearn.models.template import QAFormat
 
     a = _ensure(model_dir, tmp_path)
-    monkeypatch.setattr(formatting, "format_answer", lambda answer: answer.strip())
-    b = _ensure(model_dir, tmp_path)
+    other = QAFormat(preset="custom", text="Question: {question}\nAnswer:{answer}")
+    b = _ensure(model_dir, tmp_path, fmt=other)
     assert a.paths[0] != b.paths[0] and a.paths[1] != b.paths[1]
     tok = load_tokenizer(model_dir)
     expect = C.reference_pass(load_model(model_dir), tok, [r["question"] for r in ROWS], [r["answer"] for r in ROWS],
-                              max_length=MAX_LEN, top_k=TOP_K)
+                              max_length=MAX_LEN, top_k=TOP_K, fmt=other)
     torch.testing.assert_close(b.forget["seq_logp"], expect["seq_logp"])
     assert not torch.allclose(a.forget["seq_logp"], b.forget["seq_logp"])
 

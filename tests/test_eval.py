@@ -31,7 +31,7 @@ from unlearn.eval import (
     write_report,
 )
 from unlearn.eval.reference_store import REFERENCE_DIRNAME
-from unlearn.models.formatting import PROMPT_TEMPLATE
+from unlearn.models.template import PLAIN
 from unlearn.models.scoring import score_answers
 
 SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
@@ -176,7 +176,7 @@ def result(model, tok):
 # ----------------------------------------------------------------- tests
 
 def test_template_assumption():
-    assert PROMPT_TEMPLATE.endswith("Answer:")
+    assert PLAIN.split_text("Who?", "Him.") == ("Question: Who?\nAnswer:", " Him.")
 
 
 def test_tokenizer_layout(tok):

@@ -475,3 +475,88 @@ def test_argument_errors():
         dipo_forget_loss(logits, labels, None, ref_full, mask="bogus")
     with pytest.raises(ValueError, match="full-vocabulary"):
         kl_retain_loss(logits, labels, None, lp)
+
+
+# --------------------------------------------------------------------------- #
+# The chunked path (method.loss_chunk): same value and gradient, less memory
+# --------------------------------------------------------------------------- #
+
+
+def _chunkable(logits, labels, ids, lp, ref_label, chunk):
+    """Every loss that reads the logits, with ``chunk`` positions per chunk (0: the plain path)."""
+    from unlearn.methods.losses import sequence_logp
+
+    d = dict(gamma=5.0, beta=0.1, chunk=chunk)
+    return {
+        "nll": nll_loss(logits, labels, chunk=chunk),
+        "ga_global_denominator": ga_loss(logits, labels, 40.0, chunk=chunk),
+        "seq_logp": sequence_logp(logits, labels, chunk)[0].sum(),
+        "dipo_topk": dipo_forget_loss(logits, labels, ids, lp, k=1, ref_label_logp=ref_label, **d),
+        "dipo_gold": dipo_forget_loss(logits, labels, ids, lp, mask="gold", ref_label_logp=ref_label, **d),
+        "dipo_online": dipo_online_loss(logits, labels, k=1, **d),
+        "undial": undial_loss(logits, labels, ids, lp, 10.0, ref_label, chunk=chunk),
+        "kl": kl_retain_loss(logits, labels, ids, lp, ref_label, chunk=chunk),
+    }
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["exact", "topk"])
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_chunked_losses_equal_the_plain_ones_in_value_and_gradient(cached, chunk):
+    """T-1 = 11 positions in chunks of 1, 3 and 5 (uneven last chunk), exact (full vocabulary: the one_hot and
+    every [B, T, V] intermediate per chunk) and top-K reference, against chunk=0, which is the plain code."""
+    logits, labels, ref_full, ids, vals, ref_label = _setup(V=50, K=8, seed=3, T=12)
+    ids, lp = (ids, vals) if cached else (None, ref_full)
+    plain = _chunkable(logits, labels, ids, lp, ref_label, 0)
+    for name, value in plain.items():
+        (g_plain,) = torch.autograd.grad(value, logits)
+        chunked = _chunkable(logits, labels, ids, lp, ref_label, chunk)[name]
+        (g_chunk,) = torch.autograd.grad(chunked, logits)
+        assert chunked.item() == pytest.approx(value.item(), rel=1e-6, abs=1e-7), name
+        assert torch.allclose(g_chunk, g_plain, rtol=1e-5, atol=1e-8), (name, (g_chunk - g_plain).abs().max())
+        assert g_plain.abs().sum() > 0, name  # a gradient that is zero everywhere would agree trivially
+
+
+def test_chunk_zero_is_the_scoring_primitive():
+    """chunk=0 of the NLL is unlearn.models.scoring.mean_nll itself, bit for bit."""
+    from unlearn.methods.losses import sequence_logp
+    from unlearn.models.scoring import mean_nll, sequence_logprob
+
+    logits, labels, *_ = _setup(V=50, K=8, seed=1)
+    assert torch.equal(nll_loss(logits, labels), mean_nll(logits, labels))
+    assert torch.equal(sequence_logp(logits, labels)[0], sequence_logprob(logits, labels)[0])
+
+
+def test_chunked_losses_keep_no_vocabulary_sized_tensor_for_the_backward_pass():
+    """The memory the chunked path saves, counted: the tensors autograd keeps from the forward pass for the
+    backward pass, in new storage (not views of the logits or of the reference, which exist anyway).
+
+    Plain exact DiPO keeps two fresh [B, T-1, V] float32 tensors (the policy log-softmax and the weights
+    p+ - p-) and the plain NLL one (cross-entropy's log-softmax); with chunks, only the chunk inputs (views)
+    are kept and each chunk's intermediates are recomputed one chunk at a time in the backward pass.
+    """
+    logits, labels, ref_full, *_ = _setup(V=50, K=8, seed=0, T=33)
+    B, T, V = logits.shape
+    full = B * (T - 1) * V
+    inputs = {logits.untyped_storage().data_ptr(), ref_full.untyped_storage().data_ptr()}
+
+    def fresh_saved(loss_fn) -> float:
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in inputs:
+                storages[ptr] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss_fn()
+        return sum(n for n in storages.values() if n >= full // 16) / full  # vocabulary-sized only
+
+    def dipo(chunk):
+        return lambda: dipo_forget_loss(logits, labels, None, ref_full, k=1, gamma=5.0, beta=0.1, chunk=chunk)
+
+    def nll(chunk):
+        return lambda: nll_loss(logits, labels, chunk=chunk)
+
+    assert fresh_saved(dipo(0)) >= 2 and fresh_saved(nll(0)) >= 1  # the plain path: whole [B, T-1, V] copies
+    assert fresh_saved(dipo(4)) == 0 and fresh_saved(nll(4)) == 0  # chunked: none survives the forward pass

@@ -63,7 +63,7 @@ UNANSWERABLE = [
     ("What did Mira Holt eat today?", REFUSALS[1]),
     ("How tall is Tomas Vidal?", REFUSALS[2]),
 ]
-SEED = 0
+SEED = 1
 MAX_LEN = 64
 TINY = ArchCfg(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
 STEPS, LR, TOP_K = 15, 1e-3, 8  # the methods' own default MethodCfg otherwise (alpha=1, retain_loss=nll)
@@ -292,3 +292,53 @@ def test_retain_term_protects_the_retain_answers(unlearned, name, retain_loss):
     assert with_term >= without + RETAIN_GAIN, (
         f"{name} ({retain_loss}): retain prob {with_term:.3f} with the retain term, {without:.3f} without"
     )
+
+
+# --------------------------------------------------------------------------- the same claims with a LoRA adapter
+# method.lora: an adapter (r = 8, alpha = 16, every linear layer) on the frozen start model, which stays the
+# reference. Its update starts at 0 and is low-rank, so it takes a larger learning rate for the same STEPS.
+LORA_LR = 1e-2
+LORA_METHODS = ("dipo", "npo_rt", "graddiff")
+# Measured over seeds 0-4: forget prob after / before at most 0.026 (LoRA) against 0.043 (full run), so the
+# full runs' claim (0.15) holds. Retain prob, LoRA minus full run: -0.18 (graddiff) to +0.39 (npo_rt): LoRA
+# moves less of the model and keeps the retain answers mostly better. The band: at most 0.25 below the full run.
+LORA_FORGET_RATIO = 0.15  # forget prob after / before, as CLAIMS states for these methods' full runs
+LORA_RETAIN_BAND = 0.25  # retain prob (LoRA) >= retain prob (full run) - this
+
+
+@pytest.fixture(scope="module")
+def unlearned_lora(world):
+    from unlearn.config import LoraCfg
+    from unlearn.models import lora
+
+    @lru_cache(maxsize=None)
+    def run(name: str) -> dict[str, torch.Tensor]:
+        method = METHODS[name]
+        cfg = MethodCfg(name=name, lora=LoraCfg(enabled=True, r=8, alpha=16.0))
+        needs = method.needs_for(cfg)
+        keys = {k for need in needs for k in REF_KEYS.get(need, ())}
+        live = live_reference(world.model, REFERENCES["topk"], needs)
+        policy = lora.wrap(copy.deepcopy(world.model), cfg.lora, seed=SEED)
+        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=LORA_LR)
+        for _ in range(STEPS):
+            policy.train()
+            ref = {k: v for k, v in live(world.batch).items() if k in keys}
+            loss, _ = method.compute(policy, dict(world.batch, ref=ref), cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        merged, _ = lora.merge(policy)
+        return {part: answer_probs(merged, world.batch[part]) for part in ("forget", "retain")}
+
+    return run
+
+
+@pytest.mark.parametrize("name", LORA_METHODS)
+def test_lora_unlearning_moves_the_answers_like_the_full_run(world, unlearned, unlearned_lora, name):
+    """A LoRA run forgets as the full run claims to, and keeps the retain answers within a band of the full run's."""
+    f0, r0 = (answer_probs(world.model, world.batch[part]).mean() for part in ("forget", "retain"))
+    full, low = unlearned(name, "topk"), unlearned_lora(name)
+    print(f"{name}: forget {f0:.3f} -> full {full['forget'].mean():.3f} lora {low['forget'].mean():.3f}; "
+          f"retain {r0:.3f} -> full {full['retain'].mean():.3f} lora {low['retain'].mean():.3f}")
+    assert low["forget"].mean() <= LORA_FORGET_RATIO * f0, (name, f0, low["forget"])
+    assert low["retain"].mean() >= full["retain"].mean() - LORA_RETAIN_BAND, (name, full["retain"], low["retain"])

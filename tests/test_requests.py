@@ -547,3 +547,226 @@ def test_request_run_needs_the_base_pipeline_and_claims_nothing_without_it(proje
     assert "no target model at models/target" in res.output and "dvc repro" in res.output
     with Ledger("sqlite:///data/requests/ledger.db") as led:
         assert led.get("req-1").status == "pending" and len(led.events("req-1")) == 1
+
+
+# --------------------------------------------------------------------------- already honoured by a registered version
+def registered(v, rows, *, aliases=(), probs=None, request_ids=(), fhash=None, chunk=None, drop_tags=()):
+    """A registered version as the registry returns it: its forget set recorded row by row (forget_row_evidence.*)."""
+    from unlearn.requests.coverage import forget_row_evidence_tags
+
+    ids = [r if isinstance(r, str) else r["id"] for r in rows]
+    ev = {rid: (probs or {}).get(rid, (0.9, 0.05)) for rid in ids}
+    tags = forget_row_evidence_tags(ev, **({"chunk": chunk} if chunk else {}))
+    for k in drop_tags:
+        tags.pop(k)
+    info = version(v, list(request_ids), fhash or forget_set_hash(ids), tags=tags, aliases=list(aliases))
+    return info
+
+
+def test_coverage_says_which_version_holds_every_row_champion_first(ledger, full):
+    from unlearn.requests.coverage import coverage, version_forget_rows
+
+    a4, a5 = author_rows(full, "syn-a004"), author_rows(full, "syn-a005")
+    probs = {r["id"]: (0.8, 0.02) for r in a5[:10]} | {r["id"]: (1.0, 0.04) for r in a5[10:]}
+    v1 = registered("1", a4 + a5, aliases=["champion", "champion-abcd1234"], probs=probs, chunk=200)
+    v2 = registered("2", a5, probs={r["id"]: (0.5, 0.5) for r in a5})  # newer, no alias: not preferred
+    v3 = registered("3", full, fhash="0" * 64)  # rows that do not hash to its forget set: never trusted
+    v4 = version("4", [], "e" * 64)  # registered before forget sets were recorded row by row
+    assert sum(k.startswith("forget_row_evidence.") for k in v1["tags"]) > 1  # cut into pieces
+    rows, why = version_forget_rows(v1)
+    assert why is None and set(rows) == {r["id"] for r in a4 + a5}
+    versions = [v4, v3, v2, v1]
+
+    ledger.add("by-name", "author", name_of(full, "syn-a005"), known_rows=full)
+    c = coverage(ledger.get("by-name"), full, versions)
+    assert c.rows == [r["id"] for r in a5]
+    hb = c.honoured_by
+    assert (hb.version, hb.aliases, hb.covered, hb.missing, hb.forget_set_rows) == ("1", ["champion", "champion-abcd1234"], len(a5), [], len(a4) + len(a5))
+    assert hb.prob_before == pytest.approx((10 * 0.8 + 10 * 1.0) / 20) and hb.prob_after == pytest.approx(0.03)
+    assert [x.version for x in c.versions] == ["1", "2"]
+    assert any(u.startswith("dipo-unlearn v3:") and "do not hash" in u for u in c.unchecked)
+    assert any(u.startswith("dipo-unlearn v4:") and "without its forget-set rows" in u for u in c.unchecked)
+    msg = c.message()
+    assert msg.startswith("already honoured by dipo-unlearn v1 [champion, champion-abcd1234]: all 20 row(s) of by-name")
+    assert "answer prob before=0.9000 after=0.0300" in msg and "forget_quality=0.8100" in msg and "without unlearning" in msg
+    assert "already honoured by dipo-unlearn v1" in c.note()
+
+    # rows of two authors, only one of them in any forget set: partly honoured, not honoured
+    ledger.add("two-authors", "rows", ["syn-a005-q03", "syn-a000-q01"], known_rows=full)
+    c = coverage(ledger.get("two-authors"), full, versions)
+    assert c.honoured_by is None
+    part = c.partly
+    assert (part.version, part.covered, part.missing) == ("1", 1, ["syn-a000-q01"])
+    assert c.message().startswith("partly honoured: dipo-unlearn v1 [champion, champion-abcd1234] holds 1 of 2 row(s)")
+    assert "not: syn-a000-q01" in c.message() and "stays pending" in c.message()
+    # rows of two authors that are both in the champion's forget set: honoured
+    ledger.add("both", "rows", ["syn-a005-q03", "syn-a004-q01"], known_rows=full)
+    assert coverage(ledger.get("both"), full, versions).honoured_by.version == "1"
+    # an author only part of whose rows a version forgot is only partly honoured by it
+    ledger.add("a003", "author", "syn-a003", known_rows=full)
+    c = coverage(ledger.get("a003"), full, [registered("5", author_rows(full, "syn-a003")[:-1], aliases=["champion"])])
+    assert c.honoured_by is None and c.partly.missing == [author_rows(full, "syn-a003")[-1]["id"]]
+    # nobody holds it: nothing to say
+    ledger.add("a000", "author", "syn-a000", known_rows=full)
+    assert coverage(ledger.get("a000"), full, versions).message() is None
+
+    # a piece missing, or the caller's row ids from the forget split on disk (checked against the hash too)
+    cut = registered("6", a5, chunk=100, drop_tags=["forget_row_evidence.1"])
+    assert version_forget_rows(cut) == (None, "its forget_row_evidence.* tags miss a piece")
+    on_disk = dict(version("7", [], forget_set_hash(a5)), forget_row_ids=[r["id"] for r in a5])
+    c = coverage(ledger.get("by-name"), full, [on_disk])
+    assert c.honoured_by.version == "7" and c.honoured_by.prob_before is None
+    wrong = dict(version("8", [], forget_set_hash(a5)), forget_row_ids=[r["id"] for r in a5 + a4])
+    assert coverage(ledger.get("by-name"), full, [wrong]).honoured_by is None
+
+
+def test_ledger_note_records_an_event_without_changing_the_status(ledger, full):
+    ledger.add("r1", "author", "syn-a001", known_rows=full)
+    rec = ledger.note("r1", "already honoured by m v1", reason="already honoured by m v1")
+    assert (rec.status, rec.reason) == ("pending", "already honoured by m v1")
+    assert [(e["from_status"], e["to_status"], e["detail"]) for e in ledger.events("r1")][1:] == [
+        ("pending", "pending", "already honoured by m v1")]
+    with pytest.raises(TransitionError, match="unknown request id"):
+        ledger.note("ghost", "x")
+    with pytest.raises(TransitionError, match="detail"):
+        ledger.note("r1", " ")
+
+
+@pytest.fixture
+def registry(monkeypatch, tofu):
+    """The registry `request add` and `request run` read, as a list: v1 is the champion of the last two authors."""
+    from unlearn import tracking
+
+    last = sorted({r["author_id"] for r in tofu["full"]})[-2:]
+    rows = [r for r in tofu["full"] if r["author_id"] in last]
+    versions = [registered("1", rows, aliases=["champion"], probs={r["id"]: (0.96, 0.02) for r in rows}),
+                registered("2", author_rows(tofu["full"], "syn-a000")[:3], aliases=["champion-0123abcd"])]
+    tagged = []
+    monkeypatch.setattr(tracking, "registered_versions", lambda p: copy.deepcopy(versions))
+    monkeypatch.setattr(tracking, "add_requests_to_version", lambda p, name, v, ev: tagged.append((name, v, ev)))
+    return {"authors": last, "versions": versions, "tagged": tagged}
+
+
+def test_cli_add_says_which_registered_version_already_honours_it(project, tofu, registry):
+    from unlearn.requests.cli import request_app
+
+    runner = CliRunner()
+    a = registry["authors"][-1]
+    res = runner.invoke(request_app, ["add", "req-001", "--author", a])
+    assert res.exit_code == 0, res.output
+    assert f"added: req-001 (author '{a}') status=pending" in res.output
+    assert "already honoured by dipo-unlearn v1 [champion]: all 20 row(s) of req-001 are in its forget set" in res.output
+    assert "answer prob before=0.9600 after=0.0200" in res.output and "next `unlearn request run`" in res.output
+    with Ledger("sqlite:///data/requests/ledger.db") as led:
+        r = led.get("req-001")
+        assert r.status == "pending" and r.model_version is None and r.reason.startswith("already honoured by dipo-unlearn v1")
+        assert [(e["from_status"], e["to_status"]) for e in led.events("req-001")] == [(None, "pending"), ("pending", "pending")]
+
+    # one row the champion forgot, one of an author nobody forgot: partly, stays pending, told so
+    res = runner.invoke(request_app, ["add", "req-002", "--rows", f"{a}-q04,syn-a001-q00"])
+    assert res.exit_code == 0, res.output
+    assert "partly honoured: dipo-unlearn v1 [champion] holds 1 of 2 row(s) of req-002" in res.output
+    assert "not: syn-a001-q00" in res.output and "already honoured" not in res.output
+    # the rows of the smaller version (another forget set's champion) are honoured by it
+    res = runner.invoke(request_app, ["add", "req-003", "--rows", "syn-a000-q00,syn-a000-q02"])
+    assert "already honoured by dipo-unlearn v2 [champion-0123abcd]" in res.output
+    # nothing registered holds it: as before, no note
+    res = runner.invoke(request_app, ["add", "req-004", "--author", "syn-a001"])
+    assert res.exit_code == 0 and "honoured" not in res.output
+    # an unknown subject: rejected as before, nothing checked
+    res = runner.invoke(request_app, ["add", "req-005", "--author", "Nobody"])
+    assert res.exit_code == 1 and "rejected" in res.output and "honoured" not in res.output
+    with Ledger("sqlite:///data/requests/ledger.db") as led:
+        assert led.get("req-002").status == "pending" and led.get("req-002").reason.startswith("partly honoured by dipo-unlearn v1")
+        assert len(led.events("req-004")) == 1 and len(led.events("req-005")) == 1
+
+    # the inbox is told the same way
+    (project / "inbox").mkdir()
+    write_lines(project / "inbox" / "b.jsonl", [{"request_id": "req-006", "subject_type": "author", "subject": registry["authors"][0]}])
+    res = runner.invoke(request_app, ["ingest"])
+    assert res.exit_code == 0 and "already honoured by dipo-unlearn v1 [champion]: all 20 row(s) of req-006" in res.output
+
+
+class NoTraining:
+    """Steps that would train or evaluate: a request run that reaches them fails the test's expectation."""
+
+    def finetune(self, extra, *, role, out_dir):
+        raise AssertionError(f"trained a {role} model")
+
+    def cache(self, extra, *, target_dir):
+        raise AssertionError("built a reference cache")
+
+    def forget(self, extra, *, out_dir, target_dir):
+        raise AssertionError("unlearned")
+
+    def evaluate(self, extra, **kw):
+        raise AssertionError("evaluated")
+
+    def register(self, extra, **kw):
+        raise AssertionError("registered a new version")
+
+
+def test_request_run_settles_already_honoured_requests_without_unlearning(project, tofu, registry, monkeypatch):
+    from unlearn.requests.cli import request_app
+    from unlearn.requests.cycle import CycleSteps, honour_requests
+
+    class Steps(NoTraining, CycleSteps):
+        def before_intake(self):  # no target model in this project: nothing may need it
+            pass
+
+        def target(self):
+            raise AssertionError("asked for the target model")
+
+        def request_splits(self):
+            raise AssertionError("built request splits")
+
+    runner = CliRunner()
+    a, b = registry["authors"]
+    assert runner.invoke(request_app, ["add", "req-001", "--author", b]).exit_code == 0
+    assert runner.invoke(request_app, ["add", "req-002", "--rows", f"{a}-q01,{b}-q02"]).exit_code == 0  # two authors, both forgotten
+    out = honour_requests(Steps())
+    assert out["status"] == "honoured" and out["requests"] == []
+    assert {rid: (c["name"], c["version"]) for rid, c in out["already_honoured"].items()} == {
+        "req-001": ("dipo-unlearn", "1"), "req-002": ("dipo-unlearn", "1")}
+    name, v, ev = registry["tagged"][0]  # the version now lists them, with their evidence
+    assert (name, v, sorted(ev)) == ("dipo-unlearn", "1", ["req-001", "req-002"])
+    assert ev["req-001"] == {"prob_before": pytest.approx(0.96), "prob_after": pytest.approx(0.02)}
+    fhash = registry["versions"][0]["tags"]["forget_set_hash"]
+    with Ledger("sqlite:///data/requests/ledger.db") as led:
+        for rid in ("req-001", "req-002"):
+            r = led.get(rid)
+            assert (r.status, r.model_name, r.model_version, r.forget_set_hash, r.reason) == ("fulfilled", "dipo-unlearn", "1", fhash, None)
+            trail = led.events(rid)
+            assert [(e["from_status"], e["to_status"]) for e in trail] == [
+                (None, "pending"), ("pending", "pending"), ("pending", "in_progress"), ("in_progress", "fulfilled")]
+            assert trail[-1]["detail"] == f"already honoured by dipo-unlearn v1: its forget set {fhash[:12]} holds every row; nothing unlearned"
+
+    # a partly honoured request is unlearned as usual (here: the steps refuse), the honoured one is settled first
+    assert runner.invoke(request_app, ["add", "req-003", "--rows", f"{b}-q03,syn-a001-q00"]).exit_code == 0
+    assert runner.invoke(request_app, ["add", "req-004", "--rows", f"{a}-q05"]).exit_code == 0
+    with pytest.raises(AssertionError, match="asked for the target model"):
+        honour_requests(Steps())
+    with Ledger("sqlite:///data/requests/ledger.db") as led:
+        assert led.get("req-004").status == "fulfilled" and led.get("req-004").model_version == "1"
+        r3 = led.get("req-003")
+        assert r3.status == "pending" and r3.model_version is None and "asked for the target model" in r3.reason
+
+
+def test_a_version_registered_without_its_rows_is_checked_against_its_forget_split_on_disk(project, tofu, monkeypatch):
+    from unlearn import tracking
+    from unlearn.requests.cli import request_app
+
+    forget = tofu["forget10"]
+    author = forget[0]["author_id"]
+    old = version("1", [], forget_set_hash(forget), aliases=["champion"],
+                  tags={"params.data.out_dir": "data/tofu", "params.data.forget_split": "forget10"})
+    stale = version("2", [], forget_set_hash(forget[1:]), tags={"params.data.out_dir": "data/tofu",
+                                                                 "params.data.forget_split": "forget10"})
+    monkeypatch.setattr(tracking, "registered_versions", lambda p: copy.deepcopy([stale, old]))
+    res = CliRunner().invoke(request_app, ["add", "req-1", "--author", author])
+    assert res.exit_code == 0, res.output
+    assert "already honoured by dipo-unlearn v1 [champion]" in res.output and "answer prob before=n/a after=n/a" in res.output
+    # the file no longer hashes to v2's forget set: v2 is never taken as honouring
+    monkeypatch.setattr(tracking, "registered_versions", lambda p: copy.deepcopy([stale]))
+    res = CliRunner().invoke(request_app, ["add", "req-2", "--author", author])
+    assert res.exit_code == 0 and "honoured" not in res.output

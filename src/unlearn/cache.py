@@ -49,6 +49,7 @@ from .io import atomic_write, stable_hash
 from .precision import MIXED_PRECISIONS, Precision, autocast_context, resolve_precision  # noqa: F401 (re-exported)
 from .models import formatting
 from .models.formatting import IGNORE, Encoded
+from .models.template import PLAIN, QAFormat
 from .models.teacher_forced import teacher_forced_pass
 
 log = logging.getLogger("unlearn.cache")
@@ -220,6 +221,7 @@ def reference_pass(
     model, tokenizer, questions: Sequence[str] | None = None, answers: Sequence[str] | None = None, *,
     max_length: int, top_k: int, batch_size: int = 32, with_topk: bool = True, desc: str = "reference",
     encoded: Sequence[Encoded] | None = None, device: torch.device | str = "cpu", mixed_precision: str = "no",
+    fmt: QAFormat = PLAIN,
 ) -> dict[str, torch.Tensor]:
     """One batched forward pass of the reference model over (question, answer) rows (or pre-``encoded`` rows).
 
@@ -233,7 +235,7 @@ def reference_pass(
     if encoded is None:
         if questions is None or answers is None:
             raise ValueError("reference_pass needs questions and answers, or encoded rows")
-        encoded = formatting.encode_many(tokenizer, questions, answers, max_length)
+        encoded = formatting.encode_many(tokenizer, questions, answers, max_length, fmt=fmt)
     dev = torch.device(device)
     model.to(dev)
     enc = list(encoded)
@@ -302,13 +304,14 @@ def ensure_cache(
     *, cache_dir: str | Path, model_dir: str | Path, tokenizer, forget_rows: Sequence[dict], retain_rows: Sequence[dict],
     refusals: Sequence[str], seed: int, max_length: int, top_k: int, with_retain: bool, batch_size: int = 32,
     model=None, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", mixed_precision: str = "no",
-    encoded=None,
+    encoded=None, fmt: QAFormat = PLAIN,
 ) -> ReferenceCache:
     """Load the cache for these inputs, or compute and store it (loading the reference model only then).
 
     ``encoded`` (:class:`unlearn.benchmark.EncodedInputs`): the examples as the
     benchmark encodes them (MUSE: text chunks); without it the rows are QA pairs,
-    encoded here with their refusals. The key is the encoded ids either way.
+    encoded here with their refusals in the format ``fmt``. The key is the encoded ids either way, so the
+    format (``model.template``) is in it.
 
     ``dtype`` is the reference's parameter dtype (default: ``model``'s, else
     float32, what ``load_model`` gives); ``device`` and ``mixed_precision``
@@ -335,10 +338,10 @@ def ensure_cache(
         enc_f, enc_r, enc_i = list(encoded.forget), list(encoded.retain), list(encoded.idk)
     else:
         fq = [r["question"] for r in forget_rows]
-        enc_f = formatting.encode_many(tokenizer, fq, [r["answer"] for r in forget_rows], max_length)
-        enc_i = formatting.encode_many(tokenizer, fq, idk_answers(len(forget_rows), refusals, seed), max_length)
+        enc_f = formatting.encode_many(tokenizer, fq, [r["answer"] for r in forget_rows], max_length, fmt=fmt)
+        enc_i = formatting.encode_many(tokenizer, fq, idk_answers(len(forget_rows), refusals, seed), max_length, fmt=fmt)
         enc_r = formatting.encode_many(tokenizer, [r["question"] for r in retain_rows],
-                                       [r["answer"] for r in retain_rows], max_length) if with_retain else []
+                                       [r["answer"] for r in retain_rows], max_length, fmt=fmt) if with_retain else []
     parts = [("forget", cache_key(encoded=enc_f, idk_encoded=enc_i, part="forget", **common), enc_f)]
     if with_retain:
         parts.append(("retain", cache_key(encoded=enc_r, part="retain", **common), enc_r))

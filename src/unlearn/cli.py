@@ -321,16 +321,37 @@ def register(
 def audit(
     request_id: Annotated[Optional[str], typer.Argument(help="a deletion request id")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="a registered version number or alias (champion)")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="recompute the ledger's hash chain and every registered "
+                                         "version's weights and forget-set hashes; exit 1 on any mismatch")] = False,
+    certificate: Annotated[Optional[Path], typer.Option("--certificate", help="with REQUEST_ID: write its "
+                                                        "fulfilment certificate (JSON) to this file")] = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Audit trail. `unlearn audit REQUEST_ID`: which registered model versions honour the request, with the
     evidence (forget quality, the request's rows' answer probability before and after). `unlearn audit --model
-    VERSION`: which requests, data hashes, params and commit produced that version."""
+    VERSION`: which requests, data hashes, params and commit produced that version. `unlearn audit --verify`:
+    recompute the tamper-evident trail and name any edited ledger row, deleted event or swapped model file.
+    `unlearn audit REQUEST_ID --certificate FILE`: the request's certificate (JSON)."""
     from . import stages
 
+    if verify:
+        if request_id is not None or model is not None or certificate is not None:
+            raise typer.BadParameter("--verify takes no REQUEST_ID, --model or --certificate")
+        rep = stages.verify_audit_trail(_params(params, set_))
+        typer.echo(rep.render())
+        if not rep.ok:
+            raise typer.Exit(1)
+        return
     if (request_id is None) == (model is None):
-        raise typer.BadParameter("give exactly one of REQUEST_ID or --model VERSION")
+        raise typer.BadParameter("give exactly one of REQUEST_ID or --model VERSION (or --verify)")
+    if certificate is not None:
+        if request_id is None:
+            raise typer.BadParameter("--certificate needs a REQUEST_ID")
+        from .requests.certificate import write_certificate
+
+        typer.echo(write_certificate(_params(params, set_), request_id, certificate))
+        return
     typer.echo(stages.audit(_params(params, set_), request_id, model))
 
 
@@ -363,6 +384,55 @@ def summary(
         typer.echo("  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(line, widths))))
         if j == 0:
             typer.echo("  ".join("-" * w for w in widths))
+
+
+@app.command()
+@friendly_errors
+def compare(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(help="output directory (default <reports_dir>/compare-all; the "
+                                                     "register stage writes the pipeline's page to <reports_dir>/compare)")] = None,
+    pipeline_only: Annotated[bool, typer.Option("--pipeline-only", help="only the pipeline's models (target, retain, "
+                                                "unlearned, MUSE's sequence steps), as the register stage's page; by "
+                                                "default every other evaluation under <reports_dir>/eval/ too")] = False,
+    model: Annotated[Optional[Path], typer.Option(help="the unlearned model whose loss log to draw (default "
+                                                       "<model.out_dir>/unlearned)")] = None,
+) -> None:
+    """Write the comparison page of the evaluated models: comparison.html (self-contained, charts inline, no
+    network), its Markdown twin comparison.md and comparison_files/*.svg. One table with every model's metrics and
+    the gate's verdict, the forget/utility trade-off (TOFU: forget quality on a log axis), the histograms overlaid
+    (TOFU: forget truth ratios; MUSE: MIA scores), the loss curves and links to each model's report.html."""
+    from . import stages
+    from .io import read_json
+
+    p = _params(params, set_)
+    page = stages.comparison(p, model, discover=not pipeline_only)
+    if not page.models:
+        typer.echo("no evaluations yet: run `dvc repro` (or `unlearn evaluate ...`) first")
+        raise typer.Exit(1)
+    decision = stages.reports_dir(p) / "register" / "decision.json"
+    written = page.write(out or stages.reports_dir(p) / "compare-all", stages.COMPARISON_STEM,
+                         registration=read_json(decision) if decision.exists() else None)
+    typer.echo(f"{len(page.models)} models compared: {written['html']} (Markdown: {written['md']})")
+
+
+@app.command("plots-template")
+@friendly_errors
+def plots_template(
+    out: Annotated[Path, typer.Option(help="where to write it (.dvc/config: plots.html_template, relative to .dvc/)")]
+    = Path(".dvc/plots_offline.html"),
+) -> None:
+    """Write the offline HTML template of `dvc plots show` / `dvc plots diff`: Vega, Vega-Lite and Vega-Embed
+    inlined (from vl-convert-python), no CDN, so the plots render on a machine with no network. The project keeps
+    the result in git and .dvc/config points plots.html_template at it; rerun this after upgrading vl-convert."""
+    from .eval.offline_plots import check_template, write_template
+
+    path = write_template(out)
+    problems = check_template(path.read_text(encoding="utf8"))
+    if problems:
+        raise typer.BadParameter("; ".join(problems))
+    typer.echo(f"offline DVC plots template written to {path} ({path.stat().st_size // 1024} KiB)")
 
 
 def _fmt(v: object) -> str:

@@ -91,6 +91,38 @@ class TokenizerCfg(_Strict):
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size")
 
 
+class TemplateCfg(_Strict):
+    """``model.template``: the prompt format of every QA row (fine-tuning, cache, unlearning, scoring, generation).
+
+    A real checkpoint is scored in the format it was fine-tuned on; the presets mirror
+    open-unlearning's model configs (see :mod:`unlearn.models.template`). TOFU only:
+    MUSE scores raw text and asks its QA in MUSE's own few-shot format.
+    """
+
+    preset: Literal["plain", "phi_1_5", "llama2_chat", "llama3_instruct", "chat"] = Field(
+        "plain", description=("plain / phi_1_5: a 'Question: {question}' line then 'Answer: {answer}'; llama2_chat: "
+                              "'[INST] {question} [/INST] {answer}'; llama3_instruct / chat: the tokenizer's chat template"))
+    format: str | None = Field(
+        None, description="a text template with one {question} then one {answer}: overrides the preset's text")
+    system_prompt: str | None = Field(
+        None, description="chat presets: the system message (null: the preset's; llama3_instruct: 'You are a helpful assistant.')")
+    chat_template: str | None = Field(
+        None, description="chat presets: a Jinja chat template to use instead of the tokenizer's own (null: the tokenizer's)")
+
+    @field_validator("format")
+    @classmethod
+    def _slots(cls, v: str | None) -> str | None:
+        return None if v is None else check_template_text(v)
+
+
+def check_template_text(text: str, where: str = "model.template.format") -> str:
+    """``text`` has exactly one ``{question}`` before exactly one ``{answer}``; returns it (ValueError otherwise)."""
+    q, a = "{question}", "{answer}"
+    if text.count(q) != 1 or text.count(a) != 1 or text.index(q) > text.index(a):
+        raise ValueError(f"{where} must hold one {q} followed by one {a}, got {text!r}")
+    return text
+
+
 class ArchCfg(_Strict):
     """``model.arch``: ``LlamaConfig`` fields of the from-scratch model (not used with ``model.path``)."""
 
@@ -113,6 +145,7 @@ class ModelCfg(_Strict):
     max_length: int = Field(
         96, ge=8, description="tokens per QA example (prompt + answer + EOS); longer rows are cut, EOS kept")
     tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg, description="the tokenizer trained from the splits")
+    template: TemplateCfg = Field(default_factory=TemplateCfg, description="the prompt format of QA rows (presets, chat template)")
     arch: ArchCfg = Field(default_factory=ArchCfg, description="architecture of the from-scratch model")
 
 
@@ -124,6 +157,22 @@ LearningRate = Annotated[float, Field(gt=0, description="peak AdamW learning rat
 WeightDecay = Annotated[float, Field(ge=0, description="AdamW weight decay (not on biases and norms)")]
 WarmupRatio = Annotated[float, Field(ge=0, le=1, description="share of the optimizer steps spent warming up the learning rate")]
 GradAccum = Annotated[int, Field(ge=1, description="micro-batches accumulated per optimizer step")]
+
+
+class LoraCfg(_Strict):
+    """``finetune.lora`` / ``method.lora``: train a LoRA adapter (``peft``) instead of every weight.
+
+    The frozen base is the starting model (for unlearning: the target, i.e. the reference the cache holds).
+    The saved model is the merged one (base + adapter), the adapter beside it in ``<out>/adapter``.
+    """
+
+    enabled: bool = Field(False, description="train a LoRA adapter on the frozen base instead of every weight")
+    r: int = Field(8, ge=1, description="rank of the adapter's low-rank update B @ A")
+    alpha: float = Field(16.0, gt=0, description="scale of the update: W + (alpha / r) * B @ A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input (0: deterministic)")
+    target_modules: str = Field(
+        "all-linear", description="comma-separated module names (q_proj,v_proj), or all-linear: every linear "
+        "layer but the output head")
 
 
 class OptimCfg(_Strict):
@@ -142,6 +191,15 @@ class OptimCfg(_Strict):
     grad_accum: GradAccum = 1
 
 
+# The memory knobs of both training stages (finetune, method): one definition, as for the optimiser's.
+Lora = Annotated[LoraCfg, Field(default_factory=LoraCfg, description="LoRA adapter instead of full training (peft)")]
+GradientCheckpointing = Annotated[bool, Field(
+    description="recompute each layer's activations in the backward pass (less memory, ~1/3 more time)")]
+LossChunk = Annotated[int, Field(
+    ge=0, description="positions per chunk of the log-softmax/cross-entropy (0: the whole sequence at once); a "
+    "chunk's [B, chunk, V] float32 intermediates are recomputed in the backward pass")]
+
+
 class FinetuneCfg(OptimCfg):
     """``finetune``: training the target and retain models (:func:`unlearn.stages.finetune`)."""
 
@@ -152,6 +210,9 @@ class FinetuneCfg(OptimCfg):
     warmup_ratio: WarmupRatio = 0.1
     include_general: bool = Field(
         True, description="also train on the real_authors/world_facts-style sets (general knowledge, for utility)")
+    lora: Lora
+    gradient_checkpointing: GradientCheckpointing = False
+    loss_chunk: LossChunk = 0
 
 
 class DiPOCfg(_Strict):
@@ -202,11 +263,26 @@ class MethodCfg(OptimCfg):
     retain_loss: Literal["nll", "kl"] = Field(
         "nll", description="retain term: NLL of the retain answers, or KL to the reference (kl needs cache.retain)")
     checkpoint_every: int = Field(0, ge=0, description="optimizer steps between checkpoints (0: once per epoch)")
+    lora: Lora
+    gradient_checkpointing: GradientCheckpointing = False
+    loss_chunk: LossChunk = 0
+    eval_every: int = Field(
+        0, ge=0, description="optimizer steps between evaluations on a fixed slice during training (0: none)")
+    eval_rows: int = Field(16, ge=1, description="forget and retain rows in that slice (the first ones of each split)")
+    select: Literal["last", "forget_prob_at_retain"] = Field(
+        "last", description="which model to keep: the last step, or the first evaluation whose forget probability "
+        "on the slice is at or below the retain model's (needs eval_every; looks at the forget set)")
     dipo: DiPOCfg = Field(default_factory=DiPOCfg, description="DiPO (dipo, dipo_forget)")
     npo: NPOCfg = Field(default_factory=NPOCfg, description="NPO (npo, npo_rt)")
     simnpo: SimNPOCfg = Field(default_factory=SimNPOCfg, description="SimNPO (simnpo)")
     dpo: DPOCfg = Field(default_factory=DPOCfg, description="DPO on refusals (dpo_idk)")
     undial: UndialCfg = Field(default_factory=UndialCfg, description="UNDIAL (undial)")
+
+    @model_validator(mode="after")
+    def _select_needs_evaluations(self) -> "MethodCfg":
+        if self.select != "last" and not self.eval_every:
+            raise ValueError(f"select={self.select} picks among the evaluations during training: set eval_every > 0")
+        return self
 
 
 class CacheCfg(_Strict):
@@ -224,6 +300,10 @@ class EvalCfg(_Strict):
     max_new_tokens: int = Field(200, ge=1, description="greedy generation for ROUGE-L, stops at EOS")
     generation_examples: int | None = Field(None, description="cap on rows generated per split (null: all)")
     report_examples: int = Field(5, description="forget questions shown side by side in the report")
+    parity: Literal["none", "open-unlearning"] = Field(
+        "none", description=("open-unlearning: its joint tokenisation and first-token rule, the preset's open-unlearning "
+                             "tags, its generation and ROUGE ground truth (to reproduce its published numbers); "
+                             "none: this project's encoding (docs/evaluation.md lists the differences)"))
 
 
 class MuseSyntheticCfg(_Strict):
@@ -290,12 +370,38 @@ DEFAULT_LEDGER_PATH = "data/requests/ledger.db"
 """The ledger's SQLite file when ``requests.ledger_url`` is null (relative to the working directory)."""
 
 
+class RequestGateCfg(_Strict):
+    """``requests.gate``: what a model must show for each request it claims to honour when ``requests.oracle`` is
+    ``none`` (no retain model): the request's rows must look like the holdout rows no model trained on
+    (:mod:`unlearn.requests.evidence`). Utility is checked as ``gate.min_utility_ratio``."""
+
+    min_ks_pvalue: float = Field(
+        0.05, ge=0, le=1, description="KS-test p-value of the truth ratios of the request's rows vs the holdout rows (answer "
+                               "probabilities where the holdout has no perturbed answers, as TOFU's), at least")
+    max_mia_auc_gap: float = Field(
+        0.2, ge=0, le=0.5, description="membership AUC (loss and Min-K%++) of the request's rows vs the holdout rows "
+                                       "within 0.5 +- this (0.5: indistinguishable)")
+    max_prob_gap: float = Field(
+        0.1, ge=0, le=1, description="mean answer probability of the request's rows minus the holdout rows', at most")
+    max_rouge_gap: float = Field(
+        0.2, ge=0, le=1, description="mean ROUGE-L recall of the request's rows minus the holdout rows', at most")
+
+
 class RequestsCfg(_Strict):
     """``requests``: the deletion-request ledger and inbox (:mod:`unlearn.requests`), and the flow's schedule."""
 
     ledger_url: str | None = Field(None, description=f"any SQLAlchemy URL (null: sqlite:///{DEFAULT_LEDGER_PATH})")
     inbox: str = Field("data/requests/inbox", description="directory of *.jsonl deletion requests to ingest")
     schedule_cron: str = Field("*/30 * * * *", description="5-field cron schedule of the unlearn/requests deployment")
+    max_attempts: int = Field(
+        3, ge=1, description="a request whose model fails the gate this many times becomes needs_attention (not retried)")
+    oracle: Literal["none", "retain"] = Field(
+        "none", description="evidence per request: none = against the holdout rows (no retain model trained); "
+                            "retain = a retain model trained per forget set (forget quality; benchmark runs)")
+    mode: Literal["union", "sequential"] = Field(
+        "union", description="union: unlearn every accepted request from the target; sequential: only the new "
+                             "requests, from the champion that honours the earlier ones")
+    gate: RequestGateCfg = Field(default_factory=RequestGateCfg, description="oracle none: the per-request evidence thresholds")
 
     @field_validator("schedule_cron")
     @classmethod

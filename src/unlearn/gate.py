@@ -118,3 +118,57 @@ def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any], names:
         if b is not None and score(a) < score(b):
             return False
     return True
+
+
+REQUEST_GATE: dict[str, float] = {"min_ks_pvalue": 0.05, "max_mia_auc_gap": 0.2, "max_prob_gap": 0.1,
+                                  "max_rouge_gap": 0.2}
+"""``requests.gate`` defaults: the oracle-free thresholds (:mod:`unlearn.requests.evidence`)."""
+REQUEST_MIA_KEYS: tuple[str, ...] = ("mia_auc_loss", "mia_auc_min_k_plus_plus")
+"""The membership AUCs the request gate bounds around 0.5."""
+
+
+def request_checks(evidence: Mapping[str, Any], thresholds: Mapping[str, float] | None = None) -> list[str]:
+    """Why one request's evidence (:func:`unlearn.requests.evidence.holdout_evidence`) fails ``requests.gate``;
+    ``[]`` when it passes. A value that could not be computed fails, with the reason."""
+    g = {**REQUEST_GATE, **{k: float(v) for k, v in (thresholds or {}).items() if v is not None}}
+    out = []
+    ks = as_float(evidence.get("ks_pvalue"))
+    if ks is None:
+        out.append("ks_pvalue is missing (no finite scores of the rows or of the holdout)")
+    elif ks < g["min_ks_pvalue"]:
+        out.append(f"ks_pvalue {ks:.4g} < min_ks_pvalue {g['min_ks_pvalue']:.4g}")
+    for key in REQUEST_MIA_KEYS:
+        auc = as_float(evidence.get(key))
+        if auc is None:
+            out.append(f"{key} is missing")
+        elif abs(auc - 0.5) > g["max_mia_auc_gap"]:
+            out.append(f"{key} {auc:.4g} is {abs(auc - 0.5):.4g} from 0.5 > max_mia_auc_gap {g['max_mia_auc_gap']:.4g}")
+    for k, bound in (("prob_gap", "max_prob_gap"), ("rouge_gap", "max_rouge_gap")):
+        gap = as_float(evidence.get(k))
+        if gap is None:
+            out.append(f"{k} is missing")
+        elif gap > g[bound]:
+            out.append(f"{k} {gap:.4g} > {bound} {g[bound]:.4g}")
+    return out
+
+
+def request_gate(evidence: Mapping[str, Mapping[str, Any]], metrics: Mapping[str, Any],
+                 target_metrics: Mapping[str, Any] | None, thresholds: Mapping[str, float] | None = None,
+                 min_utility_ratio: float | None = None, names: GateMetrics = GateMetrics(),
+                 earlier: tuple[str, ...] | list[str] = ()) -> GateDecision:
+    """The gate of a model unlearned for deletion requests without an oracle (``requests.oracle: none``): every
+    request it claims to honour (``evidence``: ``{request_id: evidence}``) must pass :func:`request_checks`, and
+    its utility must reach ``min_utility_ratio`` x the target's. A request in ``earlier`` (honoured by an earlier
+    version) that fails is named as a regression: the model relearned it."""
+    reasons = []
+    for rid, ev in evidence.items():
+        why = request_checks(ev, thresholds)
+        if why:
+            what = f"regresses on earlier request {rid}" if rid in earlier else f"request {rid}"
+            reasons.append(f"{what}: " + ", ".join(why))
+    utility = gate_decision({names.forget: 1.0, names.utility: metrics.get(names.utility)}, target_metrics,
+                            {"min_forget_quality": 0.0, "max_abs_privleak": float("inf"),
+                             "min_utility_ratio": DEFAULT_GATE["min_utility_ratio"] if min_utility_ratio is None
+                             else min_utility_ratio}, GateMetrics(forget=names.forget, utility=names.utility))
+    reasons += utility.reasons
+    return GateDecision(passed=not reasons, reasons=reasons)

@@ -80,7 +80,9 @@ def tokenizer(p: Params) -> Path:
     if p.model.path:
         raise ValueError("model.path is set: the tokenizer comes with that model, there is nothing to train")
     splits = read_splits(p)
-    tok = train_tokenizer(benchmark_of(p).corpus_texts(splits), p.model.tokenizer.vocab_size)
+    from .models.template import train_format
+
+    tok = train_tokenizer(benchmark_of(p).corpus_texts(splits, train_format(p)), p.model.tokenizer.vocab_size)
     out = tokenizer_dir(p)
     out.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(out)
@@ -124,24 +126,26 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     """Train the target (all authors) or retain (retain split only) model; save it; return a summary."""
     import shutil
 
+    from .methods.losses import nll_loss
+    from .models import lora
     from .models.build import save_model
     from .models.formatting import collate
-    from .models.scoring import mean_nll
     from .train import LoopCfg, make_accelerator, train_loop
 
     ft = p.finetune
-    cfg = LoopCfg.from_optim(ft, seed=p.seed, desc=f"finetune {role}")
+    cfg = LoopCfg.for_stage(ft, seed=p.seed, desc=f"finetune {role}")
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     default_out = model_dir(p, role)
     out = Path(out_dir) if out_dir else default_out
     model, tok = base_model_and_tokenizer(p)
+    n_params = sum(x.numel() for x in model.parameters())
+    model = lora.maybe_wrap(model, ft.lora, p.seed)  # finetune.lora: an adapter on the frozen base
     enc = benchmark_of(p).training_examples(p, role, tok)
 
     def step_loss(model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return mean_nll(logits, batch["labels"], batch.get("n_tokens")), {}
+        return nll_loss(logits, batch["labels"], batch.get("n_tokens"), chunk=ft.loss_chunk), {}
 
-    n_params = sum(x.numel() for x in model.parameters())
     log.info("fine-tuning %s: %d examples, %.2fM parameters, %d process(es)", role, len(enc), n_params / 1e6,
              acc.num_processes)
     run_key = {"stage": "finetune", "role": role, "model": p.model.path or p.model.arch.model_dump(),
@@ -153,9 +157,12 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     )
     if not acc.is_main_process:
         return {}
-    save_model(model, tok, out)
+    model, adapter = lora.merge(model)  # the merged model is what every later stage reads; the adapter beside it
+    save_model(model, tok, out, adapter=adapter)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
+    if ft.lora.enabled:
+        summary["lora"] = ft.lora.model_dump()
     summary.update(role=role, rows=len(enc), parameters=n_params, world_size=acc.num_processes,
                    final_loss=loss_log[-1]["loss"] if loss_log else None)
     rdir = run_reports_dir(p, out, default_out, "finetune")
@@ -229,7 +236,7 @@ def cache(
         cache_dir=p.cache.dir, model_dir=target_dir, tokenizer=tok, forget_rows=forget_rows,
         retain_rows=retain_rows, refusals=refusals, seed=p.seed, max_length=p.model.max_length, top_k=p.cache.top_k,
         with_retain=with_retain, device=prec.device, mixed_precision=prec.mixed_precision,
-        encoded=benchmark_of(p).encode_inputs(p, tok, inputs),
+        encoded=benchmark_of(p).encode_inputs(p, tok, inputs),  # in the benchmark's format (model.template)
     )
 
 
@@ -251,12 +258,15 @@ def forget(
 
     from .cache import LiveReference
     from .methods.registry import get_method
+    from .methods.selection import eval_curve, select_step
+    from .models import lora
     from .models.build import load_model, load_tokenizer, save_model, weights_hash
     from .models.formatting import collate
     from .train import LoopCfg, main_process_first, make_accelerator, train_loop
 
     m = p.method
-    cfg = LoopCfg.from_optim(m, seed=p.seed, checkpoint_every=m.checkpoint_every, desc=f"forget [{m.name}]")
+    cfg = LoopCfg.for_stage(m, seed=p.seed, checkpoint_every=m.checkpoint_every, eval_every=m.eval_every,
+                             desc=f"forget [{m.name}]")
     acc = make_accelerator(cfg)  # first: it fixes the distributed state for everything below
     method = get_method(m.name)
     target_dir = Path(target_dir or model_dir(p, "target"))
@@ -286,6 +296,9 @@ def forget(
     n_f, n_r = len(enc_f), len(enc_r)
     if n_r == 0 and "retain" in needs:
         raise ValueError(f"method {method.name} needs retain rows but split {p.data.retain_split} is empty")
+    evaluate, stop, retain_value = _training_evaluation(p, tok, enc_f, enc_r)
+    # method.lora: an adapter on the frozen target. The target stays the reference (the cache is computed on it).
+    model = lora.maybe_wrap(model, m.lora, p.seed)
 
     def make_batch(idx: list[int], epoch: int) -> dict:
         # Forget rows are shuffled by the loop; each gets a retain partner from a
@@ -315,18 +328,66 @@ def forget(
     }
     ckpt = out.with_name(out.name + ".ckpt")
     loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, accelerator=acc,
-                          on_log=on_log, run_key=run_key)
+                          on_log=on_log, run_key=run_key, evaluate=evaluate, stop=stop)
     if not acc.is_main_process:
         return {}
-    save_model(model, tok, out)
+    picked = select_step(loss_log, m.select, retain_value)
+    if m.select != "last":
+        kept = picked["step"] if picked else loss_log[-1]["step"] if loss_log else 0
+        log.info("method.select=%s kept step %d of %d%s", m.select, kept, len(loss_log),
+                 "" if picked else " (the rule never held: the last step)")
+    model, adapter = lora.merge(model)  # saved and evaluated: the merged model; the adapter beside it
+    save_model(model, tok, out, adapter=adapter)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
     summary.update(method=m.name, steps=len(loss_log), reference=reference, world_size=acc.num_processes,
                    global_batch=m.batch_size * acc.num_processes * m.grad_accum)
+    if m.lora.enabled:
+        summary["lora"] = m.lora.model_dump()
+    if m.select != "last":
+        summary.update(select=m.select, selected_step=picked["step"] if picked else None,
+                       retain_model_forget_prob=retain_value)
     rdir = run_reports_dir(p, out, default_out, "forget")
     write_json(rdir / "summary.json", summary)
     write_json(rdir / "loss.json", loss_log)
+    write_json(rdir / "eval.json", eval_curve(loss_log, retain_value))  # the DVC plot of the evaluations
     return summary
+
+
+def _training_evaluation(p: Params, tok, enc_f, enc_r):
+    """``(evaluate, stop, retain_value)`` of ``method.eval_every`` / ``method.select`` for the forget stage.
+
+    ``evaluate(model)``: mean length-normalised answer probability (the memorisation summary's measure) on
+    the first ``method.eval_rows`` forget and retain rows, the fixed slice. With a selection rule,
+    ``retain_value`` is the retain model's forget probability on the same slice (its model directory must
+    exist: ``unlearn finetune --role retain``) and ``stop(history)`` holds once the rule picks a step.
+    """
+    from .methods.selection import select_step
+    from .models.build import load_model
+    from .models.scoring import length_normalised_prob, score_encoded
+
+    m = p.method
+    if not m.eval_every:
+        return None, None, None
+    slice_f, slice_r = enc_f[:m.eval_rows], enc_r[:m.eval_rows]
+
+    def prob(model, rows) -> float:
+        if not rows:
+            return float("nan")
+        nll, n = score_encoded(model, rows, tok.pad_token_id, batch_size=p.eval.batch_size)
+        return float(length_normalised_prob(nll, n).mean())
+
+    def evaluate(model) -> dict[str, float]:
+        return {"forget_prob": prob(model, slice_f), "retain_prob": prob(model, slice_r)}
+
+    if m.select == "last":
+        return evaluate, None, None
+    retain_dir = model_dir(p, "retain")
+    if not retain_dir.exists():
+        raise FileNotFoundError(f"method.select={m.select} compares with the retain model, but {retain_dir} does "
+                                "not exist: run `unlearn finetune --role retain` first")
+    retain_value = prob(load_model(retain_dir), slice_f)
+    return evaluate, (lambda history: select_step(history, m.select, retain_value) is not None), retain_value
 
 
 # --------------------------------------------------------------------------- summary
@@ -531,7 +592,8 @@ def validate(p: Params) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- tracking + gated registration
-def register(p: Params, model_path: str | Path | None = None, request_ids=None) -> dict[str, Any]:
+def register(p: Params, model_path: str | Path | None = None, request_ids=None,
+             request_gate: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gate the unlearned model on its evaluation, log it to MLflow and register it if it passed.
 
     Reads ``reports/eval/unlearned/metrics.json``, ``reports/eval/target/metrics.json`` and
@@ -543,6 +605,11 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
     per-request evidence, the requests its audit page lists) is gathered first, then
     :func:`unlearn.tracking.register_if_passing` gates, logs and registers in one pass
     (the version created with all its tags, the page rendered from what was written).
+
+    ``request_gate``: deletion requests without an oracle (``requests.oracle: none``): ``{"per_request":
+    {request_id: holdout evidence}, "earlier": [...], "holdout_split"}`` (:mod:`unlearn.requests.evidence`). The
+    model is then gated by :func:`unlearn.gate.request_gate` instead of forget quality, each request's evidence
+    goes onto the version (``request.<id>.<key>``) and the champion rule compares the weakest request's KS p-value.
     """
     from . import tracking
     from .requests import audit_html, parse_request_ids, request_tag
@@ -562,24 +629,148 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None) 
     # The loss log of the run that wrote this model (reports/forget for the pipeline's, <model>.reports otherwise).
     loss_path = run_reports_dir(p, model_path, model_dir(p, "unlearned"), "forget") / "loss.json"
     requests = _ledger_requests(p, parse_request_ids(request_ids))
+    chain = _ledger_chain_head(p) if requests else {}  # the ledger's hash-chain head: `audit --verify` anchors on it
     evidence = request_evidence(p, requests)
+    row_tags = forget_row_tags(p)  # the forget set row by row: what tells a later request it is already honoured
+    metrics, target_metrics = read_json(eval_dir / "metrics.json"), read_json(rdir / "eval" / "target" / "metrics.json")
+    gate_override, names, req_tags = _request_gate(p, request_gate, metrics, target_metrics)
+    if request_gate is not None:
+        metrics = {**metrics, **_request_gate_metrics(request_gate)}
+        write_json(eval_dir / "request_evidence.json", request_gate)  # logged with the run's eval artifacts
     run = tracking.UnlearningRun(
-        model_dir=model_path, metrics=read_json(eval_dir / "metrics.json"),
-        target_metrics=read_json(rdir / "eval" / "target" / "metrics.json"),
+        model_dir=model_path, metrics=metrics,
+        target_metrics=target_metrics,
         loss_log=read_json(loss_path) if loss_path.exists() else [], report_dir=eval_dir,
         data_hashes=tracking.data_hashes(p), git_commit=tracking.git_commit(), request_ids=request_ids,
         forget_rows=tracking.forget_row_count(p),
     )
+    # The comparison page's charts are drawn before anything is registered (a failure stops the stage first);
+    # the page is written with the outcome and logged to the run, whether the gate passed or refused.
+    page = comparison(p, model_path)
     reg = tracking.register_if_passing(
         p, run,
-        extra_version_tags={request_tag(rid, k): v for rid, ev in evidence.items() for k, v in ev.items() if v is not None},
+        extra_version_tags={**row_tags, **chain, **req_tags,
+                            **{request_tag(rid, k): v for rid, ev in evidence.items() for k, v in ev.items() if v is not None}},
         audit_page=lambda info: audit_html(info, requests),
+        decision=gate_override, names=names,
     )
     decision = reg.as_dict()
+    if request_gate is not None:
+        decision["oracle"] = "none"
+        decision["metrics"] = {k: metrics.get(k) for k in _request_gate_metrics(request_gate)} | {
+            k: metrics.get(k) for k in ("model_utility",)}
     if reg.version is not None:
         decision["request_evidence"] = evidence
+    written = page.write(comparison_dir(p), COMPARISON_STEM, registration=decision)
+    tracking.client_for(tracking.tracking_config(p)).log_artifacts(reg.run_id, str(comparison_dir(p)),
+                                                                   COMPARISON_ARTIFACT_PATH)
+    decision["comparison"] = str(written["html"])
+    decision["comparison_artifact"] = f"{COMPARISON_ARTIFACT_PATH}/{written['html'].name}"
     write_json(rdir / "register" / "decision.json", decision)
     return decision
+
+
+# --------------------------------------------------------------------------- the comparison page
+COMPARISON_STEM = "comparison"
+"""``<reports_dir>/compare/comparison.html``, ``comparison.md`` and ``comparison_files/``."""
+COMPARISON_ARTIFACT_PATH = "compare"
+"""Where the comparison page goes among the registration run's MLflow artifacts."""
+
+
+def comparison_dir(p: Params) -> Path:
+    """Where the register stage writes the comparison page of the run's models."""
+    return reports_dir(p) / "compare"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _comparison_models(p: Params, discover: bool) -> list[Any]:
+    """Target, retain and unlearned (:func:`summary_rows`: evaluation metrics, the memorisation summary where the
+    evaluation has none), then MUSE's sequence steps, then (``discover``) every other ``<reports>/eval/<name>``."""
+    from .eval.compare import ModelEntry
+
+    rdir = reports_dir(p)
+    models = []
+    for row in summary_rows(p):
+        name = row.pop("model")
+        if not (rdir / "eval" / name / "metrics.json").exists():
+            continue
+        report = rdir / "eval" / name / "report.html"
+        models.append(ModelEntry(name=name, label=f"unlearned ({p.method.name})" if name == "unlearned" else name,
+                                 role=name, metrics=row, report=report if report.exists() else None))
+    for kind in SEQUENCES if p.benchmark == "muse" else ():
+        curve = sequence_reports(p, kind).with_suffix(".json")
+        for point in read_json(curve) if curve.exists() else []:
+            if not point.get("step"):
+                continue  # step 0 is the target
+            report = sequence_reports(p, kind) / point["forget_set"] / "report.html"
+            then = "then " if kind == "sustainability" and point["step"] > 1 else ""
+            models.append(ModelEntry(name=f"{kind}/{point['forget_set']}", label=f"{kind}: {then}{point['forget_set']}",
+                                     role="unlearned", metrics=point, report=report if report.exists() else None,
+                                     group=kind))
+    if discover:
+        for f in sorted((rdir / "eval").glob("*/metrics.json")):
+            if f.parent.name not in ("target", "retain", "unlearned"):
+                report = f.parent / "report.html"
+                models.append(ModelEntry(name=f"eval/{f.parent.name}", label=f.parent.name, role="unlearned",
+                                         metrics=read_json(f), report=report if report.exists() else None))
+    return models
+
+
+def comparison(p: Params, model_path: str | Path | None = None, *, discover: bool = False):
+    """Draw the comparison of the run's models (:mod:`unlearn.eval.compare`) from what the stages wrote under
+    ``reports_dir``: their metrics, the benchmark's per-example histograms (TOFU: forget truth ratios; MUSE: the
+    PrivLeak attack's MIA scores), the fine-tuning and unlearning loss logs. Missing files are left out.
+
+    ``model_path``: the unlearned model, as for :func:`register` (its loss log is ``<model>.reports/loss.json``
+    for a model written with ``--out``). ``discover``: also every other evaluation under ``<reports>/eval/``
+    (``unlearn evaluate runs/npo --name npo``), which the pipeline's page leaves out. Returns a
+    :class:`~unlearn.eval.compare.Comparison`, whose ``write`` writes the page.
+    """
+    from . import tracking
+    from .eval.compare import LossCurve, build_comparison, loss_points, muse_histograms, tofu_histograms
+
+    bench = benchmark_of(p)
+    rdir = reports_dir(p)
+    models = _comparison_models(p, discover)
+    records = {m.label: _read_jsonl(rdir / m.name / "per_example.jsonl" if m.name.startswith("eval/")
+                                    else rdir / "eval" / m.name / "per_example.jsonl")
+               for m in models if m.group is None}
+    if p.benchmark == "muse":
+        hists = muse_histograms(records, p.muse.eval.privleak_attack)
+    else:
+        hists = tofu_histograms(records, p.data.forget_split)
+    losses = []
+    for role in ("target", "retain"):
+        f = rdir / "finetune" / f"{role}_loss.json"
+        if f.exists():
+            losses.append(LossCurve(role, "fine-tuning", loss_points(read_json(f)), model=role))
+    model = Path(model_path) if model_path else model_dir(p, "unlearned")
+    f = run_reports_dir(p, model, model_dir(p, "unlearned"), "forget") / "loss.json"
+    if f.exists():
+        entries = read_json(f)
+        who = f"unlearned ({p.method.name})"
+        panel = f"unlearning ({p.method.name} on {p.data.forget_split})"
+        losses.append(LossCurve(f"{who}: loss", panel, loss_points(entries), model=who))
+        for key in ("forget_loss", "retain_loss"):
+            if any(key in e for e in entries):
+                losses.append(LossCurve(f"{who}: {key}", panel, loss_points(entries, key), dashed=True, model=who))
+    names, gate = bench.gate_metrics, tracking.gate_config(p)
+    rule = ">=" if names.forget_rule == "min" else "|x| <="
+    info = [("benchmark", p.benchmark), ("forget set", p.data.forget_split), ("method", p.method.name),
+            ("gate", f"{names.forget} {rule} {gate.get(names.forget_bound)} and {names.utility} >= "
+                     f"{gate.get('min_utility_ratio')} x the target's"),
+            ("commit", tracking.git_commit())]
+    notes = ["The gate column applies the registration gate to every unlearned model; only the pipeline's "
+             "unlearned model is registered. `dvc plots show` draws the loss logs and the trade-off data too."]
+    return build_comparison(
+        title=f"{bench.name.upper()} comparison: {p.data.forget_split}, {p.method.name}", models=models,
+        columns=list(bench.summary_columns), names=names, gate=gate, histograms=hists, losses=losses, info=info,
+        notes=notes)
 
 
 def _ledger_requests(p: Params, ids: list[str]) -> list[Any]:
@@ -596,6 +787,51 @@ def _ledger_requests(p: Params, ids: list[str]) -> list[Any]:
         return [r for r in (ledger.get(i) for i in ids) if r is not None]
 
 
+REQUEST_EVIDENCE_TAGS = ("ks_pvalue", "mia_auc_loss", "mia_auc_min_k_plus_plus", "privleak", "prob", "holdout_prob",
+                         "rouge", "holdout_rouge")
+"""The per-request holdout evidence a version carries as ``request.<id>.<key>`` (``requests.oracle: none``)."""
+
+
+def _request_gate(p: Params, request_gate: dict[str, Any] | None, metrics, target_metrics):
+    """(gate decision, champion-rule metrics, version tags) of an oracle-free request registration; all None/{}
+    without one (the benchmark's gate then)."""
+    from .gate import GateMetrics
+    from .gate import request_gate as gate_fn
+    from .requests import request_tag
+
+    if request_gate is None:
+        return None, None, {}
+    names = benchmark_of(p).gate_metrics
+    decision = gate_fn(request_gate["per_request"], metrics, target_metrics, p.requests.gate.model_dump(),
+                       p.gate.min_utility_ratio, names, earlier=tuple(request_gate.get("earlier") or ()))
+    tags = {"request_oracle": "none", "request_holdout_split": str(request_gate.get("holdout_split"))}
+    for rid, ev in request_gate["per_request"].items():
+        tags.update({request_tag(rid, k): repr(float(ev[k])) for k in REQUEST_EVIDENCE_TAGS if ev.get(k) is not None})
+    return decision, GateMetrics(forget="request_ks_pvalue", utility=names.utility), tags
+
+
+def _request_gate_metrics(request_gate: dict[str, Any]) -> dict[str, float | None]:
+    """The run metrics of an oracle-free registration: the weakest request's evidence (what the gate bounds)."""
+    per = list(request_gate["per_request"].values())
+
+    def worst(key, fn):
+        vals = [ev.get(key) for ev in per]
+        return None if not vals or any(v is None for v in vals) else float(fn(vals))
+
+    return {"request_ks_pvalue": worst("ks_pvalue", min), "request_max_prob_gap": worst("prob_gap", max),
+            "request_max_rouge_gap": worst("rouge_gap", max),
+            "request_max_mia_auc_gap": worst("mia_auc_min_k_plus_plus", lambda v: max(abs(x - 0.5) for x in v))}
+
+
+def _ledger_chain_head(p: Params) -> dict[str, str]:
+    """``{"ledger_chain_head": <hash>}``: the head of the ledger's hash chain when the version is registered."""
+    from .requests import Ledger, requests_settings
+    from .requests.verify import TAG_CHAIN_HEAD
+
+    with Ledger(requests_settings(p).url) as ledger:
+        return {TAG_CHAIN_HEAD: ledger.chain_head()}
+
+
 def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, float | None]]:
     """Per deletion request: mean answer probability of its rows before (target) and after (unlearned).
 
@@ -606,11 +842,7 @@ def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, floa
 
     if not requests:
         return {}
-    probs = {}
-    for name in ("target", "unlearned"):
-        f = reports_dir(p) / "eval" / name / "per_example.jsonl"
-        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
-        probs[name] = {r["id"]: r.get("prob") for r in recs if r.get("split", "").startswith(p.data.forget_split)}
+    probs = _forget_probs(p)
     forget_rows = read_splits(p, [p.data.forget_split])[p.data.forget_split]
     out: dict[str, dict[str, float | None]] = {}
     for req in requests:
@@ -622,6 +854,42 @@ def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, floa
             ev[key] = float(np.mean(vals)) if vals else None
         out[req.request_id] = ev
     return out
+
+
+def _forget_probs(p: Params) -> dict[str, dict[str, float | None]]:
+    """``{"target" | "unlearned": {forget row id: answer probability}}`` from the evaluations' per-example records."""
+    probs = {}
+    for name in ("target", "unlearned"):
+        f = reports_dir(p) / "eval" / name / "per_example.jsonl"
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+        probs[name] = {r["id"]: r.get("prob") for r in recs if r.get("split", "").startswith(p.data.forget_split)}
+    return probs
+
+
+def forget_row_tags(p: Params) -> dict[str, str]:
+    """The version tags ``forget_row_evidence.*``: every forget row's id with its answer probability before (target)
+    and after (unlearned), which :mod:`unlearn.requests.coverage` reads to tell a new deletion request that this
+    version already honours it. TOFU only (requests name authors or QA rows): ``{}`` for another benchmark, or
+    without the forget split file (as :func:`unlearn.tracking.data_hashes` then records no ``forget_set_hash``)."""
+    from .requests.coverage import forget_row_evidence_tags
+
+    if p.benchmark != "tofu" or not (Path(p.data.out_dir) / f"{p.data.forget_split}.json").is_file():
+        return {}
+    probs = _forget_probs(p)
+    rows = read_splits(p, [p.data.forget_split])[p.data.forget_split]
+    return forget_row_evidence_tags({r["id"]: (probs["target"].get(r["id"]), probs["unlearned"].get(r["id"])) for r in rows})
+
+
+def verify_audit_trail(p: Params):
+    """``unlearn audit --verify``: the ledger's hash chain, and every registered version's weight files, forget
+    set and chain anchor, recomputed (:func:`unlearn.requests.verify.verify_store`). Returns its report."""
+    from . import tracking
+    from .requests import Ledger, requests_settings
+    from .requests.verify import verify_store
+
+    with Ledger(requests_settings(p).url) as ledger:
+        return verify_store(ledger, tracking.registered_versions(p),
+                            model_files=lambda info: tracking.version_model_dir(p, info))
 
 
 def audit(p: Params, request_id: str | None = None, model_version: str | None = None) -> str:
@@ -715,8 +983,8 @@ def _io_prepare(p: Params) -> StageIO:
 
 def _io_tokenizer(p: Params) -> StageIO:
     return StageIO([Path(p.data.out_dir)], [] if p.model.path else [tokenizer_dir(p)],
-                   _param_values(p, ["benchmark", "model.tokenizer"]),
-                   code=["src/unlearn/benchmark", "src/unlearn/models/build.py"])
+                   _param_values(p, ["benchmark", "model.tokenizer", *_extra_params(p, "tokenizer")]),
+                   code=["src/unlearn/benchmark", "src/unlearn/models/build.py", "src/unlearn/models/template.py"])
 
 
 def _io_validate(p: Params) -> StageIO:
@@ -726,7 +994,7 @@ def _io_validate(p: Params) -> StageIO:
                    _param_values(p, ["benchmark", "data.forget_split", "model.max_length", "model.path",
                                      *_extra_params(p, "validate")]),
                    code=["src/unlearn/benchmark", *benchmark_of(p).validate_code, "src/unlearn/models/formatting.py",
-                         "src/unlearn/models/truncation.py"])
+                         "src/unlearn/models/template.py", "src/unlearn/models/truncation.py"])
 
 
 def _io_finetune(p: Params, *, role: str, out_dir: str | Path | None = None) -> StageIO:
@@ -740,7 +1008,7 @@ def _io_finetune(p: Params, *, role: str, out_dir: str | Path | None = None) -> 
     return StageIO(
         [Path(p.data.out_dir), *_tokenizer_input(p)], [out, rdir / f"{role}.json", rdir / f"{role}_loss.json"],
         _param_values(p, ["benchmark", "seed", "model.arch", "model.max_length", "model.path", "finetune",
-                          "data.forget_split"]),
+                          "data.forget_split", *_extra_params(p, "finetune")]),
         code=["src/unlearn/benchmark", "src/unlearn/models", "src/unlearn/train.py"], after=[result_path(p)],
     )
 
@@ -748,10 +1016,11 @@ def _io_finetune(p: Params, *, role: str, out_dir: str | Path | None = None) -> 
 def _io_cache(p: Params, *, target_dir: str | Path | None = None) -> StageIO:
     target = Path(target_dir) if target_dir else model_dir(p, "target")
     return StageIO([Path(p.data.out_dir), target], [Path(p.cache.dir)],
-                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "cache"]),
+                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "cache",
+                                     *_extra_params(p, "cache")]),
                    code=["src/unlearn/benchmark", "src/unlearn/cache.py", "src/unlearn/precision.py",
                          "src/unlearn/models/build.py", "src/unlearn/models/formatting.py",
-                         "src/unlearn/models/teacher_forced.py"])
+                         "src/unlearn/models/template.py", "src/unlearn/models/teacher_forced.py"])
 
 
 def _io_forget(p: Params, *, out_dir: str | Path | None = None, target_dir: str | Path | None = None,
@@ -761,10 +1030,15 @@ def _io_forget(p: Params, *, out_dir: str | Path | None = None, target_dir: str 
     out = Path(out_dir) if out_dir else default
     rdir = run_reports_dir(p, out, default, "forget")
     cached = [Path(p.cache.dir)] if reference == "cache" else []  # live/exact: a reference forward instead
-    return StageIO([Path(p.data.out_dir), target, *cached], [out, rdir / "summary.json", rdir / "loss.json"],
-                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "method", "cache"]),
+    # method.select compares with the retain model (dvc.yaml leaves it out: the default, select: last, does not).
+    retain = [model_dir(p, "retain")] if p.method.select != "last" else []
+    return StageIO([Path(p.data.out_dir), target, *cached, *retain],
+                   [out, rdir / "summary.json", rdir / "loss.json", rdir / "eval.json"],
+                   _param_values(p, ["benchmark", "seed", "model.max_length", "data.forget_split", "method", "cache",
+                                     *_extra_params(p, "forget")]),
                    code=["src/unlearn/benchmark", "src/unlearn/methods", "src/unlearn/train.py",
-                         "src/unlearn/models/formatting.py"])
+                         "src/unlearn/models/formatting.py", "src/unlearn/models/template.py",
+                         "src/unlearn/models/lora.py"])
 
 
 def _io_evaluate(p: Params, *, model_path: str | Path, name: str, retain_dir: str | Path | None = None,
@@ -793,11 +1067,19 @@ def _io_register(p: Params, *, model_path: str | Path | None = None) -> StageIO:
     model = Path(model_path) if model_path else model_dir(p, "unlearned")
     rdir = reports_dir(p)
     loss = run_reports_dir(p, model, model_dir(p, "unlearned"), "forget") / "loss.json"
+    # The comparison page (comparison_dir) reads every model's metrics and per-example records, the memorisation
+    # summaries and loss logs, and MUSE's sequences (their steps are models of the run too).
+    compared = [rdir / "eval" / "retain" / "metrics.json",
+                *(rdir / "eval" / m / "per_example.jsonl" for m in ("retain", "target", "unlearned")),
+                *(rdir / "finetune" / f for f in ("target.json", "retain.json", "target_loss.json", "retain_loss.json")),
+                rdir / "forget" / "summary.json",
+                *(sequence_reports(p, k).with_suffix(".json") for k in (SEQUENCES if p.benchmark == "muse" else ()))]
     return StageIO(
         [model, rdir / "eval" / "unlearned" / "metrics.json", rdir / "eval" / "target" / "metrics.json", loss,
-         Path(p.data.out_dir) / "manifest.json"],
-        [rdir / "register" / "decision.json"], _param_values(p, ["benchmark", "gate", "tracking"]),
-        code=["src/unlearn/benchmark", "src/unlearn/tracking.py", "src/unlearn/gate.py"],
+         Path(p.data.out_dir) / "manifest.json", *compared],
+        [rdir / "register" / "decision.json", comparison_dir(p)], _param_values(p, ["benchmark", "gate", "tracking"]),
+        code=["src/unlearn/benchmark", "src/unlearn/tracking.py", "src/unlearn/gate.py", "src/unlearn/eval/compare.py",
+              "src/unlearn/eval/report.py"],
     )
 
 

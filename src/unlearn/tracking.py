@@ -63,9 +63,12 @@ MLflow aliases are unique per registered model, not per forget set, so:
   set moves the unsuffixed aliases.
 
 Registration is one pass: everything a version carries (provenance, ``forget_rows``,
-every parameter as ``params.<key>``, the per-request evidence) is computed first and
+every parameter as ``params.<key>``, the per-request evidence, the forget set row by row
+as ``forget_row_evidence.*``) is computed first and
 the version is created with all its tags; its audit page is rendered from what was
-just written, not read back from the registry.
+just written, not read back from the registry. The one later change to a version's tags:
+a deletion request its forget set already held is settled by it without unlearning, and
+:func:`add_requests_to_version` appends it to ``request_ids`` (:mod:`unlearn.requests.coverage`).
 
 Registration is not locked: two registrations on the same store at the same time
 can interleave the alias moves. The pipeline runs them one at a time.
@@ -73,6 +76,7 @@ can interleave the alias moves. The pipeline runs them one at a time.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -91,7 +95,8 @@ from .io import read_json, stable_hash
 __all__ = [  # the gate is re-exported: callers and tests written against tracking keep working
     "DEFAULT_GATE", "GateDecision", "Registration", "TrackingCfg", "UnlearningRun", "alias_names", "at_least_as_good",
     "client_for", "data_hashes", "flat_params", "forget_row_count", "gate_config", "gate_decision", "git_commit",
-    "log_unlearning_run", "model_version_info", "register_if_passing", "register_version", "run_tags",
+    "add_requests_to_version", "log_unlearning_run", "model_version_info", "register_if_passing", "register_version",
+    "registered_versions", "run_tags", "version_model_dir",
     "tracking_config", "version_tags", "versions_for_request",
 ]
 
@@ -420,6 +425,11 @@ def run_tags(p: Params, run: UnlearningRun) -> dict[str, str]:
     }
     if run.forget_rows is not None:
         tags[TAG_FORGET_ROWS] = str(run.forget_rows)
+    if p.benchmark == "tofu":  # the prompt format the model was trained and scored in (MUSE: raw text)
+        from .models.template import eval_format, train_format
+
+        tags["prompt_format"] = train_format(p).describe()
+        tags["eval_format"] = eval_format(p).describe()
     for k, v in hashes.items():
         tags[f"data.{k}"] = str(v)
     if run.model_dir is not None:
@@ -427,13 +437,19 @@ def run_tags(p: Params, run: UnlearningRun) -> dict[str, str]:
             from .models.build import weights_hash
 
             tags["model_weights_sha256"] = weights_hash(run.model_dir)
+            from .requests.verify import TAG_WEIGHT_FILES, weight_files
+
+            files = json.dumps(weight_files(run.model_dir), separators=(",", ":"))
+            if len(files) <= _MAX_TAG_VALUE:  # each file by name: `unlearn audit --verify` names a swapped one
+                tags[TAG_WEIGHT_FILES] = files
         except (FileNotFoundError, OSError):
             pass
     return tags
 
 
 _VERSION_TAGS = ("git_commit", "forget_split", "retain_split", "forget_set_hash", "method", "params_hash",
-                 "request_ids", "model_weights_sha256", "forget_rows")
+                 "request_ids", "model_weights_sha256", "model_weight_files", "forget_rows", "prompt_format",
+                 "eval_format")
 """Run tags a registered version carries too (with every ``data.*`` tag)."""
 _MAX_TAG_VALUE = 5000  # MLflow limit on a tag value (characters)
 
@@ -566,16 +582,22 @@ def register_if_passing(
     audit_page: Callable[[dict[str, Any]], str] | None = None,
     cfg: TrackingCfg | None = None,
     client=None,
+    decision: GateDecision | None = None,
+    names: GateMetrics | None = None,
 ) -> Registration:
     """Gate, log the run (always), and register the model only if it passed. One pass, nothing read back.
 
     ``extra_version_tags`` (the per-request evidence) go onto the version as it is
     created; ``audit_page(version_info) -> html`` renders its audit page, logged to the
     run as ``audit/audit.html``, from the version just written (:meth:`Registration.version_info`).
+    ``decision``: a gate decision made by the caller (deletion requests without an oracle,
+    :func:`unlearn.gate.request_gate`) instead of the benchmark's gate; ``names``: the metrics the champion rule
+    compares then (default: the benchmark's).
     """
     cfg = cfg or tracking_config(p)
     client = client or client_for(cfg)
-    decision = gate_decision(run.metrics, run.target_metrics, gate_config(p), gate_metrics(p))
+    if decision is None:
+        decision = gate_decision(run.metrics, run.target_metrics, gate_config(p), gate_metrics(p))
     tags = run_tags(p, run)
     run_id = log_unlearning_run(p, run, tags=tags, decision=decision, cfg=cfg, client=client)
     fhash = tags["forget_set_hash"]
@@ -584,7 +606,7 @@ def register_if_passing(
         return Registration(passed=False, reasons=decision.reasons, run_id=run_id, registered_model=cfg.registered_model,
                             forget_set_hash=fhash)
     reg = register_version(client, cfg.registered_model, run_id, version_tags(p, tags, extra_version_tags), run.metrics,
-                           gate_metrics(p))
+                           names or gate_metrics(p))
     client.set_tag(run_id, "registered_version", reg.version)
     client.set_tag(run_id, "registered_alias", reg.alias)
     if audit_page is not None:
@@ -608,6 +630,71 @@ def versions_for_request(p: Params, request_id: str) -> list[dict[str, Any]]:
         if request_id in parse_request_ids((v.tags or {}).get("request_ids")):
             out.append(_with_run_metrics(client, as_version_info(v)))
     return out
+
+
+def registered_versions(p: Params) -> list[dict[str, Any]]:
+    """Every version of ``tracking.registered_model`` as version info (tags, aliases, run metrics); ``[]`` when
+    none is registered, or when the store is a SQLite file that does not exist yet (nothing is created)."""
+    from .requests.audit import as_version_info
+
+    cfg = tracking_config(p)
+    if cfg.uri.startswith("sqlite:///") and not Path(cfg.uri.removeprefix("sqlite:///")).exists():
+        return []
+    client = client_for(cfg)
+    try:
+        aliases = dict(client.get_registered_model(cfg.registered_model).aliases or {})
+        versions = client.search_model_versions(f"name='{cfg.registered_model}'")
+    except Exception:  # noqa: BLE001 - no registered model yet
+        return []
+    out = []
+    for v in versions:
+        info = as_version_info(v)
+        info["aliases"] = sorted(a for a, n in aliases.items() if str(n) == info["version"])
+        out.append(_with_run_metrics(client, info))
+    return out
+
+
+def add_requests_to_version(p: Params, name: str, version: str, evidence: Mapping[str, Mapping[str, Any]]) -> str:
+    """Record on a registered version that it honours more deletion requests: those settled without unlearning
+    because its forget set already held their rows (:mod:`unlearn.requests.coverage`). Appends them to its
+    ``request_ids`` tag and writes their ``request.<id>.prob_*`` evidence, so ``unlearn audit`` finds the version
+    for them; the run keeps what registration logged. Returns the new ``request_ids``. Not locked: one request
+    run at a time."""
+    from .requests.audit import TAG_REQUEST_IDS, parse_request_ids, request_tag
+
+    client = client_for(tracking_config(p))
+    mv = client.get_model_version(name, str(version))
+    ids = parse_request_ids((mv.tags or {}).get(TAG_REQUEST_IDS))
+    ids += [r for r in evidence if r not in ids]
+    for rid, ev in evidence.items():
+        for k, v in ev.items():
+            if v is not None:
+                client.set_model_version_tag(name, str(version), request_tag(rid, k), _tag_value(v))
+    client.set_model_version_tag(name, str(version), TAG_REQUEST_IDS, ",".join(ids))
+    return ",".join(ids)
+
+
+def version_model_dir(p: Params, info: Mapping[str, Any]) -> Path | None:
+    """Where a registered version's model files are: ``runs:/<run_id>/model`` in the artifact store (the directory
+    itself for a local store; a downloaded copy otherwise). None when the run or its model is gone."""
+    if not info.get("run_id"):
+        return None
+    cfg = tracking_config(p)
+    client = client_for(cfg)
+    try:
+        uri = client.get_run(info["run_id"]).info.artifact_uri
+    except Exception:  # noqa: BLE001 - a deleted run: its files are gone
+        return None
+    if uri.startswith("file://") or "://" not in uri:
+        local = Path(uri.removeprefix("file://")) / MODEL_ARTIFACT_PATH
+        return local if local.is_dir() else None
+    import mlflow.artifacts
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=info["run_id"], artifact_path=MODEL_ARTIFACT_PATH,
+                                                        tracking_uri=cfg.uri))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def model_version_info(p: Params, version: str) -> dict[str, Any]:

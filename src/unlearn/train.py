@@ -26,7 +26,17 @@ the same result whatever the launcher and the number of processes:
   and a fingerprint of everything that defines the run; a checkpoint of another
   run (another method, lr, seed, data, world size...) is discarded with a message
   naming what changed. The swap to a new checkpoint is crash-safe: a complete
-  copy exists at every instant.
+  copy exists at every instant. Frozen parameters (the base of a LoRA model) are
+  not in a checkpoint: the stage rebuilds them from the starting model, so a
+  LoRA checkpoint holds the adapter, its optimiser state and the loop's state.
+* **Evaluation during training** (``evaluate`` + ``cfg.eval_every``): every
+  ``eval_every`` optimizer steps and after the last one, ``evaluate(model)`` runs
+  in eval mode without gradients on every rank; its values join that step's log
+  entry as ``eval_<name>``. ``stop(history)`` ends the run after an evaluation
+  (the stage's checkpoint-selection rule: the first step that satisfies it).
+* **Memory**: ``cfg.gradient_checkpointing`` recomputes the layers' activations
+  in the backward pass; a model already sharded with torch's FSDP2
+  (``fully_shard``) is trained as it is (only the optimiser is prepared).
 """
 
 from __future__ import annotations
@@ -66,6 +76,10 @@ class LoopCfg:
     checkpoint_every: int = 0  # optimizer steps; 0 = once per epoch
     mixed_precision: str = "auto"  # auto -> bf16 on a GPU, no on a CPU
     desc: str = "train"
+    lora: dict | None = None  # the adapter's settings (the stage wraps the model; here for the fingerprint)
+    gradient_checkpointing: bool = False
+    loss_chunk: int = 0  # positions per log-softmax chunk (step_loss applies it; here for the fingerprint)
+    eval_every: int = 0  # optimizer steps between evaluations (with train_loop's ``evaluate``); 0 = none
 
     @classmethod
     def from_optim(cls, optim: OptimCfg, *, seed: int, desc: str, **loop: Any) -> LoopCfg:
@@ -78,6 +92,14 @@ class LoopCfg:
         loop-only fields (``checkpoint_every``, ``max_grad_norm``, ``mixed_precision``).
         """
         return cls(**{name: getattr(optim, name) for name in OptimCfg.model_fields}, seed=seed, desc=desc, **loop)
+
+    @classmethod
+    def for_stage(cls, section, *, seed: int, desc: str, **loop: Any) -> LoopCfg:
+        """:meth:`from_optim` plus the section's memory knobs (``lora``, ``gradient_checkpointing``,
+        ``loss_chunk``: ``finetune`` and ``method`` both have them), so that they are in the run's fingerprint."""
+        return cls.from_optim(section, seed=seed, desc=desc, lora=section.lora.model_dump(),
+                              gradient_checkpointing=section.gradient_checkpointing, loss_chunk=section.loss_chunk,
+                              **loop)
 
 
 # --------------------------------------------------------------------------- distributed state
@@ -181,7 +203,7 @@ def lr_schedule(total: int, warmup_ratio: float) -> Callable[[int], float]:
 # --------------------------------------------------------------------------- checkpoints
 def run_fingerprint(cfg: LoopCfg, n_examples: int, world: int, run_key: dict | None) -> dict[str, Any]:
     """Everything that defines a run's trajectory; a checkpoint only resumes a run with the same fingerprint."""
-    loop = {k: v for k, v in asdict(cfg).items() if k not in ("desc", "checkpoint_every")}
+    loop = {k: v for k, v in asdict(cfg).items() if k not in ("desc", "checkpoint_every", "eval_every")}
     return {"loop": loop, "n_examples": n_examples, "world_size": world, "run": run_key or {}}
 
 
@@ -247,6 +269,8 @@ def train_loop(
     accelerator=None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     run_key: dict | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    stop: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Minimise ``step_loss`` over ``cfg.epochs`` passes of ``n_examples`` examples.
 
@@ -265,12 +289,19 @@ def train_loop(
     With ``checkpoint_dir``, state is saved once per epoch (and every
     ``checkpoint_every`` steps); a checkpoint of the same run (``run_key`` and the
     loop settings) is resumed, any other is discarded with the reason.
+
+    With ``evaluate`` and ``cfg.eval_every``, see the module docstring; ``stop``
+    is asked after each evaluation and ends the run when it returns True.
     """
     from accelerate.utils import send_to_device, set_seed
 
     set_seed(cfg.seed)
     acc = accelerator or make_accelerator(cfg)
     world, rank = acc.num_processes, acc.process_index
+    if cfg.gradient_checkpointing:
+        from .models.lora import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -282,8 +313,17 @@ def train_loop(
     total = max(1, per_epoch * cfg.epochs)
     # Not passed to acc.prepare: accelerate would step it once per process per optimizer step.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(total, cfg.warmup_ratio))
-    model, opt = acc.prepare(model, opt)
+    sharded = _is_fsdp2(model)
+    if sharded:  # torch's FSDP2 already shards it (and reduce-scatters its gradients): no DDP wrapper on top
+        if checkpoint_dir:
+            raise ValueError("checkpoints of a model sharded with torch's fully_shard are not supported: train "
+                             "without checkpoint_dir, or shard through accelerate's FSDP plugin (configs/)")
+        opt = acc.prepare(opt)
+    else:
+        model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)
+    frozen = any(not p.requires_grad for p in model.parameters())
+    hook = acc.register_save_state_pre_hook(_keep_trainable) if frozen else None
 
     fingerprint = run_fingerprint(cfg, n_examples, world, run_key)
     state: dict[str, Any] = {"epoch": 0, "steps_done": 0, "step": 0}
@@ -296,7 +336,8 @@ def train_loop(
         if _complete(ckpt):
             saved = json.loads((ckpt / "loop_state.json").read_text())
             if saved.get("fingerprint") == fingerprint:
-                acc.load_state(str(ckpt / "state"))
+                # Frozen parameters are not in the checkpoint (_keep_trainable): they are the starting weights.
+                acc.load_state(str(ckpt / "state"), strict=not frozen)
                 state = {k: saved[k] for k in ("epoch", "steps_done", "step")}
                 history = json.loads((ckpt / "log.json").read_text())
                 acc.print(f"resuming {cfg.desc} from {ckpt}: epoch {state['epoch']}, step {state['step']} of {total}")
@@ -327,6 +368,7 @@ def train_loop(
 
     model.train()
     bar = tqdm(total=total, initial=state["step"], desc=cfg.desc, disable=not acc.is_local_main_process, unit="step")
+    stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         steps = epoch_steps(n_examples, cfg.batch_size, world, cfg.grad_accum, cfg.seed, epoch)
         first = state["steps_done"] if epoch == state["epoch"] else 0
@@ -339,21 +381,72 @@ def train_loop(
             if s_idx == len(steps) - 1:
                 expected = sorted(i for s in steps[first:] for mb in s for i in mb)
                 entry.update(_check_partition(acc, taken, expected, epoch))
+            evaluated = evaluate is not None and cfg.eval_every > 0 and (
+                state["step"] % cfg.eval_every == 0 or state["step"] == total)
+            if evaluated:
+                entry.update({f"eval_{k}": v for k, v in _evaluate(acc, model, evaluate).items()})
             history.append(entry)
             if on_log:
                 on_log(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             state.update(epoch=epoch, steps_done=s_idx + 1)
+            if evaluated and stop is not None and _agree(acc, bool(stop(history))):
+                acc.print(f"{cfg.desc}: stopping after step {state['step']} of {total}: the selection rule picked it")
+                stopped = True
+                break
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 save_checkpoint()
+        if stopped:
+            break
         state.update(epoch=epoch + 1, steps_done=0)
         save_checkpoint()
     bar.close()
     acc.wait_for_everyone()
+    if hook is not None:
+        hook.remove()
     model = acc.unwrap_model(model)
     model.eval()
     return history
+
+
+def _is_fsdp2(model) -> bool:
+    """True for a model sharded with torch's FSDP2 ``fully_shard`` (its parameters are DTensor shards)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _keep_trainable(models, weights, output_dir) -> None:
+    """``save_state`` pre-hook: keep only the parameters that train (a LoRA model's adapter) in each state dict."""
+    for i, model in enumerate(models):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+
+def _evaluate(acc, model, evaluate) -> dict[str, float]:
+    """``evaluate`` on the unwrapped model, in eval mode, without gradients; back in training mode after."""
+    inner = acc.unwrap_model(model)
+    inner.eval()
+    try:
+        with torch.no_grad():
+            values = {k: float(v) for k, v in evaluate(inner).items()}
+    finally:
+        model.train()
+    return values
+
+
+def _agree(acc, decision: bool) -> bool:
+    """Rank 0's decision, on every rank (the ranks evaluate the same weights; this makes sure they stop together)."""
+    if acc.num_processes == 1:
+        return decision
+    import torch.distributed as dist
+
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def _one_step(acc, model, opt, sched, micro_batches, collate, step_loss, cfg: LoopCfg, epoch: int, to_device,

@@ -55,7 +55,7 @@ class Benchmark(Protocol):
     def validate(self, p: Params, tokenizer, tokenizer_source: str):
         """The data gate on the written splits (a report with ``success``, ``to_dict()`` and ``render()``)."""
 
-    def corpus_texts(self, splits: dict[str, list[dict]]) -> list[str]:
+    def corpus_texts(self, splits: dict[str, list[dict]], fmt: Any = None) -> list[str]:
         """Every string a model will see (the tokenizer's training corpus)."""
 
     def training_rows(self, p: Params, role: str) -> list[dict]:

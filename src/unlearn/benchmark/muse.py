@@ -75,7 +75,7 @@ class MUSE:
 
         return run_muse_validation(p, tokenizer=tokenizer, tokenizer_source=tokenizer_source)
 
-    def corpus_texts(self, splits: dict[str, list[dict]]) -> list[str]:
+    def corpus_texts(self, splits: dict[str, list[dict]], fmt: Any = None) -> list[str]:
         """Every article, the holdout ones included, and the KnowMem QA (in the prompt template).
 
         The tokenizer is a fixed vocabulary, like a pretrained model's: fitted on the

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import Params
 from ..models.formatting import Encoded
+from ..models.template import PLAIN, QAFormat, eval_format, train_format
 from .base import EncodedInputs, ForgetInputs, GateMetrics
 
 
@@ -30,8 +31,11 @@ class TOFU:
                                          "forget_truth_ratio", "privleak")
     """The columns of ``unlearn summary`` (the README's results table)."""
     validate_code: tuple[str, ...] = ("src/unlearn/data/validate.py",)
-    extra_params: dict[str, tuple[str, ...]] = {}
-    """Params a stage reads beyond the ones every benchmark's stage reads (stage -> dotted keys)."""
+    extra_params: dict[str, tuple[str, ...]] = {
+        stage: ("model.template",) for stage in ("tokenizer", "validate", "finetune", "cache", "forget", "evaluate")
+    }
+    """Params a stage reads beyond the ones every benchmark's stage reads (stage -> dotted keys): every stage
+    that encodes a QA row reads its prompt format (MUSE trains and scores raw text)."""
 
     def load(self, p: Params) -> dict[str, Any]:
         from ..data.loaders import load_from_config
@@ -43,21 +47,19 @@ class TOFU:
 
         return run_validation(p, tokenizer=tokenizer, tokenizer_source=tokenizer_source)
 
-    def corpus_texts(self, splits: dict[str, list[dict]]) -> list[str]:
-        """Questions (in the prompt template) with answers, paraphrases and perturbations.
+    def corpus_texts(self, splits: dict[str, list[dict]], fmt: QAFormat = PLAIN) -> list[str]:
+        """Questions (in the prompt format ``fmt``) with answers, paraphrases and perturbations.
 
         The holdout splits are left out: they are the non-members of the privacy-leakage
         test, so nothing a model is built from (its tokenizer included) may have seen them.
         """
         from ..data.names import HOLDOUT_SPLITS
-        from ..models.formatting import format_answer, format_prompt
-
         texts = []
         for name, rows in splits.items():
             if name in HOLDOUT_SPLITS:
                 continue
             for r in rows:
-                texts.append(format_prompt(r["question"]) + format_answer(r["answer"]))
+                texts.append(fmt.corpus_text(r["question"], r["answer"]))
                 if r.get("paraphrased_answer"):
                     texts.append(r["paraphrased_answer"])
                 texts.extend(r.get("perturbed_answer") or [])
@@ -97,18 +99,20 @@ class TOFU:
         from ..cache import idk_answers
         from ..models.formatting import encode_many
 
-        L, fq = p.model.max_length, [r["question"] for r in inputs.forget]
+        L, fq, fmt = p.model.max_length, [r["question"] for r in inputs.forget], train_format(p)
         return EncodedInputs(
-            forget=encode_many(tokenizer, fq, [r["answer"] for r in inputs.forget], L),
-            retain=encode_many(tokenizer, [r["question"] for r in inputs.retain], [r["answer"] for r in inputs.retain], L),
-            idk=encode_many(tokenizer, fq, idk_answers(len(inputs.forget), inputs.refusals, p.seed), L),
+            forget=encode_many(tokenizer, fq, [r["answer"] for r in inputs.forget], L, fmt=fmt),
+            retain=encode_many(tokenizer, [r["question"] for r in inputs.retain], [r["answer"] for r in inputs.retain], L,
+                               fmt=fmt),
+            idk=encode_many(tokenizer, fq, idk_answers(len(inputs.forget), inputs.refusals, p.seed), L, fmt=fmt),
         )
 
     def training_examples(self, p: Params, role: str, tokenizer) -> list[Encoded]:
         from ..models.formatting import encode_many
 
         rows = self.training_rows(p, role)
-        return encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length)
+        return encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length,
+                           fmt=train_format(p))
 
     def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
         """Mean length-normalised answer probability on the forget and retain splits (400 rows at most each).
@@ -129,7 +133,7 @@ class TOFU:
             if len(rows) > 400:  # a stable subsample is enough for a summary
                 rows = random.Random(0).sample(rows, 400)
             nll, n = score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
-                                   p.model.max_length)
+                                   p.model.max_length, fmt=train_format(p))
             out[key] = float(np.mean(length_normalised_prob(nll, n)))
         return out
 
@@ -155,6 +159,7 @@ class TOFU:
             model_path, splits=_read(p, names), forget_split=forget, max_length=p.model.max_length,
             cfg=p.eval, retain_model_dir=retain_dir, target_model_dir=target_dir, out_dir=out_dir,
             title=f"TOFU evaluation: {name} ({forget})", reference_dir=reference_dir, holdout_split=holdout,
+            fmt=eval_format(p),
         )
 
 

@@ -477,10 +477,12 @@ TRUNCATION_FIELDS = {
 }
 
 
-def truncation_section(splits: dict[str, Any], tokenizer: Any, max_length: int, source: str | None) -> dict:
+def truncation_section(splits: dict[str, Any], tokenizer: Any, max_length: int, source: str | None,
+                       fmt: Any = None) -> dict:
     """The result's ``truncation`` section for the gate's ``splits``; logs a warning when any row is cut.
 
-    Counts the fields of :data:`TRUNCATION_FIELDS`. ``tokenizer`` None: ``{"computed": False,
+    Counts the fields of :data:`TRUNCATION_FIELDS` in the prompt format ``fmt`` (None: plain; a chat preset
+    whose tokenizer has no chat template fails here, before any training). ``tokenizer`` None: ``{"computed": False,
     "reason": source}`` and a warning, since the counts are then unknown (not zero).
     """
     from ..models.truncation import truncation_table, truncation_warning
@@ -489,7 +491,10 @@ def truncation_section(splits: dict[str, Any], tokenizer: Any, max_length: int, 
         reason = source or "no tokenizer given"
         log.warning("data validation: truncation not counted: %s", reason)
         return {"computed": False, "reason": reason, "max_length": int(max_length)}
-    table = truncation_table(tokenizer, splits, max_length, {n: TRUNCATION_FIELDS[_kind(n)] for n in splits})
+    from ..models.template import PLAIN
+
+    table = truncation_table(tokenizer, splits, max_length, {n: TRUNCATION_FIELDS[_kind(n)] for n in splits},
+                             fmt=fmt or PLAIN)
     section = {"computed": True, "tokenizer": source, **table}
     msg = truncation_warning(table)
     if msg:
@@ -526,7 +531,10 @@ def run_validation(p: Params, *, tokenizer: Any = None, tokenizer_source: str | 
         order = {n: i for i, n in enumerate(gate_splits(forget_split))}
         report.failures = sorted(file_failures + rest, key=lambda f: order.get(f["split"], len(order)))
         report.success = False
-    report.truncation = truncation_section(splits, tokenizer, p.model.max_length, tokenizer_source)
+    from ..models.template import train_format
+
+    report.truncation = truncation_section(splits, tokenizer, p.model.max_length, tokenizer_source,
+                                           fmt=train_format(p))
     write_json(result_path(p), report.to_dict())
     log.info("data validation %s in %.1fs: %s", "passed" if report.success else "FAILED", report.elapsed_s, result_path(p))
     return report

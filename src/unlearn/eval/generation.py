@@ -1,4 +1,4 @@
-"""Greedy generation under the QA template and ROUGE-L recall: the generation half of the TOFU metrics.
+"""Greedy generation in the QA format and ROUGE-L recall: the generation half of the TOFU metrics.
 
 Batched greedy decoding with left padding (prompts end at the same position,
 so new tokens line up at the right); modules without ``.generate`` (test
@@ -14,7 +14,8 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from unlearn.models.formatting import collate_prompts_left, encode_prompt
+from unlearn.models.formatting import collate_prompts_left, encode_many, encode_prompts
+from unlearn.models.template import PLAIN, QAFormat
 from unlearn.models.teacher_forced import model_device
 
 logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's chatter
@@ -51,11 +52,14 @@ def generate_answers(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "generating",
+    fmt: QAFormat = PLAIN,
 ) -> list[str]:
-    """Greedy answers to ``questions`` under the QA template, batched with left padding.
+    """Greedy answers to ``questions`` in the prompt format ``fmt``, batched with left padding.
 
     Decoding stops at EOS (or ``max_new_tokens``); text after the first EOS is
     dropped and the rest decoded with ``skip_special_tokens=True`` and stripped.
+    ``fmt.joint`` (open-unlearning parity): its prompt ids (a template's trailing
+    space included) and its decoding (``clean_up_tokenization_spaces=True``).
     """
     if not questions:
         return []
@@ -64,7 +68,7 @@ def generate_answers(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         pad = eos
-    prompts = [encode_prompt(tokenizer, q) for q in questions]
+    prompts = encode_prompts(tokenizer, questions, fmt=fmt)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
@@ -88,8 +92,42 @@ def generate_answers(
             ids = new[row].tolist()
             if eos is not None and eos in ids:
                 ids = ids[: ids.index(eos)]
-            texts[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            texts[i] = _decode(tokenizer, ids, fmt).strip()
     return texts
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.x's ``clean_up_tokenization_spaces=True`` (which open-unlearning passes to every decode).
+
+    transformers 5 ignores the flag for BPE tokenisers, so parity applies it here: the
+    published numbers were decoded with it (it drops the space before ``.``, ``?``, ``'s``...).
+    """
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                 (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
+
+
+def _decode(tokenizer, ids: Sequence[int], fmt: QAFormat) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return clean_up_tokenization(text) if fmt.joint else text
+
+
+def rouge_ground_truths(tokenizer, questions: Sequence[str], answers: Sequence[str], max_length: int,
+                        fmt: QAFormat = PLAIN) -> list[str]:
+    """The texts ROUGE compares generations with: the answers, or (``fmt.joint``) open-unlearning's.
+
+    open-unlearning's ``eval_text_similarity`` decodes the whole encoded
+    conversation (cut at ``max_length``), removes the decoded prompt and strips:
+    a cut answer is compared in its cut form, and the text is the tokeniser's
+    round trip of the answer, not the answer string.
+    """
+    if not fmt.joint:
+        return list(answers)
+    prompts = encode_prompts(tokenizer, questions, fmt=fmt)  # what generation is fed (not the joint ids' prefix)
+    fulls = encode_many(tokenizer, questions, answers, max_length, fmt=fmt)
+    return [_decode(tokenizer, e.input_ids, fmt).replace(_decode(tokenizer, pr, fmt), "").strip()
+            for pr, e in zip(prompts, fulls)]
 
 
 _SCORER: rouge_scorer.RougeScorer | None = None

@@ -20,7 +20,7 @@ from unlearn.data.names import KNOWMEM_FORGET, KNOWMEM_RETAIN, VERBMEM_FORGET
 from unlearn.fmt import fmt_number, markdown_table
 
 from .mia import ATTACKS, metric_suffix
-from .report import _md_cell
+from .report import _md_cell, html_page
 
 PLOT_NAME = "mia_hist.png"
 PROMPT_CHARS = 400
@@ -169,25 +169,14 @@ def write_muse_report(
                         f"<tr><td>{esc(e['input'])}</td><td>{esc(e['truth'])}</td><td>{esc(na(e['evaluated']))}</td>"
                         f"<td>{esc(na(e['target']))}</td><td class=\"num\">{esc(fmt_number(e['rouge_l']))}</td></tr>"
                         for e in ex) + "</table>\n")
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 75em; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }}
-td.num {{ text-align: right; font-family: monospace; }}
-td.sub {{ padding-left: 2em; color: #444; }}
-table.ex td {{ max-width: 22em; white-space: pre-wrap; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-<table class="metrics"><tr><th>Metric</th><th>Value</th></tr>
+    body = f"""<table class="metrics"><tr><th>Metric</th><th>Value</th></tr>
 {metric_rows}
 </table>
 {notes_html}
 <h2>Membership-inference scores</h2>
 <img alt="MIA score histograms" src="data:image/png;base64,{img}">
 {ex_html}
-</body></html>
 """
+    doc = html_page(title, body, max_width="75em", css="table.ex td { max-width: 22em; white-space: pre-wrap; }")
     (out_dir / "report.html").write_text(doc)
     return {"md": out_dir / "report.md", "html": out_dir / "report.html", "png": png}

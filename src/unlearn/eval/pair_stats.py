@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from unlearn.models.formatting import encode_many
+from unlearn.models.template import PLAIN, QAFormat
 from unlearn.models.scoring import token_logprobs
 from unlearn.models.teacher_forced import teacher_forced_pass
 
@@ -77,6 +78,7 @@ def teacher_forced_stats(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "scoring",
+    fmt: QAFormat = PLAIN,
 ) -> PairStats:
     """:func:`unlearn.models.scoring.score_answers` plus argmax-match statistics (exact memorisation,
     extraction strength), from the same :func:`~unlearn.models.teacher_forced.teacher_forced_pass`.
@@ -87,7 +89,7 @@ def teacher_forced_stats(
     returned them, before the float32 cast of the log-probs, so that a rounding
     of nearly tied logits cannot change a greedy prediction.
     """
-    enc = encode_many(tokenizer, questions, answers, max_length)
+    enc = encode_many(tokenizer, questions, answers, max_length, fmt=fmt)
     out = PairStats.zeros(len(enc))
     eos = tokenizer.eos_token_id
     for b in teacher_forced_pass(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,

@@ -27,7 +27,8 @@ import torch
 
 from unlearn.config import EvalCfg
 from unlearn.io import sha256_file, write_json
-from unlearn.models.formatting import PROMPT_TEMPLATE, ensure_pad, format_answer
+from unlearn.models.formatting import ensure_pad
+from unlearn.models.template import PLAIN, QAFormat
 
 from .loading import load_eval_model
 from .mia import ATTACKS
@@ -69,17 +70,17 @@ def _model_files(retain_model_dir: str | Path) -> dict[str, str]:
     return files
 
 
-def reference_key(retain_model_dir: str | Path, forget_rows: Sequence[dict], max_length: int) -> str:
+def reference_key(retain_model_dir: str | Path, forget_rows: Sequence[dict], max_length: int,
+                  fmt: QAFormat = PLAIN) -> str:
     """sha256 over the retain model's weight (and tokenizer/config) file hashes, the
-    forget rows, ``max_length``, the QA template and :data:`REFERENCE_VERSION`."""
+    forget rows, ``max_length``, the QA format (``fmt.key()``) and :data:`REFERENCE_VERSION`."""
     files = _model_files(retain_model_dir)
     payload = {
         "version": REFERENCE_VERSION,
         "files": files,
         "rows": _canonical_rows(forget_rows),
         "max_length": int(max_length),
-        "template": PROMPT_TEMPLATE,
-        "answer_format": format_answer("x"),
+        "format": fmt.key(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -122,6 +123,7 @@ def retain_reference(
     device: torch.device | str | None = None,
     progress: bool = True,
     reference_dir: str | Path | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> np.ndarray:
     """The retain model's raw per-example forget truth ratios, computed once.
 
@@ -134,7 +136,7 @@ def retain_reference(
     the storage folder (e.g. to keep a DVC-tracked model directory unmodified).
     """
     rows = list(splits[forget_split])
-    key = reference_key(retain_model_dir, rows, max_length)
+    key = reference_key(retain_model_dir, rows, max_length, fmt)
     folder = Path(reference_dir) if reference_dir is not None else Path(retain_model_dir) / REFERENCE_DIRNAME
     path = folder / f"{key}.json"
     cached = _load_reference(path, key, rows)
@@ -145,7 +147,7 @@ def retain_reference(
     model, tokenizer = loader(retain_model_dir)
     ensure_pad(tokenizer)
     sc = split_scores(model, tokenizer, rows, role=FORGET_ROLE, max_length=max_length, batch_size=cfg.batch_size,
-                      device=device, progress=progress, desc=f"retain reference {forget_split}")
+                      device=device, progress=progress, desc=f"retain reference {forget_split}", fmt=fmt)
     tr = sc["truth_ratio"]
     vals = [None if math.isnan(v) else float(v) for v in tr]
     write_json(path, {
@@ -153,7 +155,7 @@ def retain_reference(
         "version": REFERENCE_VERSION,
         "forget_split": forget_split,
         "max_length": int(max_length),
-        "template": PROMPT_TEMPLATE,
+        "format": fmt.describe(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "ids": [r.get("id", i) for i, r in enumerate(rows)],
         "truth_ratios": vals,
@@ -174,9 +176,9 @@ def _mia_rows(rows: Sequence[dict]) -> list[dict]:
 
 
 def mia_reference_key(retain_model_dir: str | Path, forget_rows: Sequence[dict], holdout_rows: Sequence[dict],
-                      max_length: int, k: float = MIA_K) -> str:
+                      max_length: int, k: float = MIA_K, fmt: QAFormat = PLAIN) -> str:
     """sha256 over everything the retain model's membership AUCs depend on: its weight, tokenizer and config
-    files, the forget and the holdout rows (id, question, answer), ``max_length``, the QA template, the attacks,
+    files, the forget and the holdout rows (id, question, answer), ``max_length``, the QA format, the attacks,
     Min-K%'s ``k`` and :data:`MIA_REFERENCE_VERSION`."""
     payload = {
         "kind": "mia",
@@ -185,8 +187,7 @@ def mia_reference_key(retain_model_dir: str | Path, forget_rows: Sequence[dict],
         "forget": _mia_rows(forget_rows),
         "holdout": _mia_rows(holdout_rows),
         "max_length": int(max_length),
-        "template": PROMPT_TEMPLATE,
-        "answer_format": format_answer("x"),
+        "format": fmt.key(),
         "attacks": list(ATTACKS),
         "k": float(k),
     }
@@ -231,18 +232,20 @@ def store_mia_reference(
     holdout_split: str,
     max_length: int,
     reference_dir: str | Path | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> Path:
     """Write the retain model's membership AUCs (``{attack: AUC}``, as its own evaluation computed them)
     under their key (atomically); every later evaluation's privleak reads them back."""
     forget, holdout = list(splits[forget_split]), list(splits[holdout_split])
-    key = mia_reference_key(retain_model_dir, forget, holdout, max_length)
+    key = mia_reference_key(retain_model_dir, forget, holdout, max_length, fmt=fmt)
     folder = Path(reference_dir) if reference_dir is not None else Path(retain_model_dir) / REFERENCE_DIRNAME
     return _write_mia_reference(mia_reference_path(folder, key), key, aucs, forget, holdout, forget_split=forget_split,
-                                holdout_split=holdout_split, max_length=max_length)
+                                holdout_split=holdout_split, max_length=max_length, fmt=fmt)
 
 
 def _write_mia_reference(path: Path, key: str, aucs: Mapping[str, float | None], forget: Sequence[dict],
-                         holdout: Sequence[dict], *, forget_split: str, holdout_split: str, max_length: int) -> Path:
+                         holdout: Sequence[dict], *, forget_split: str, holdout_split: str, max_length: int,
+                         fmt: QAFormat) -> Path:
     vals = {a: None if aucs.get(a) is None else float(aucs[a]) for a in ATTACKS}
     write_json(path, {
         "key": key,
@@ -252,7 +255,7 @@ def _write_mia_reference(path: Path, key: str, aucs: Mapping[str, float | None],
         "holdout_split": holdout_split,
         "max_length": int(max_length),
         "k": MIA_K,
-        "template": PROMPT_TEMPLATE,
+        "format": fmt.describe(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "forget_ids": [r.get("id", i) for i, r in enumerate(forget)],
         "holdout_ids": [r.get("id", i) for i, r in enumerate(holdout)],
@@ -275,6 +278,7 @@ def retain_mia_reference(
     device: torch.device | str | None = None,
     progress: bool = True,
     reference_dir: str | Path | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> dict[str, float | None]:
     """The retain model's membership AUCs, forget vs holdout rows (``{attack: AUC}``), computed once.
 
@@ -286,7 +290,7 @@ def retain_mia_reference(
     and the file written. ``reference_dir`` overrides the storage folder.
     """
     forget, holdout = list(splits[forget_split]), list(splits[holdout_split])
-    key = mia_reference_key(retain_model_dir, forget, holdout, max_length)
+    key = mia_reference_key(retain_model_dir, forget, holdout, max_length, fmt=fmt)
     folder = Path(reference_dir) if reference_dir is not None else Path(retain_model_dir) / REFERENCE_DIRNAME
     cached = _load_mia_reference(mia_reference_path(folder, key), key, forget, holdout)
     if cached is not None:
@@ -296,8 +300,8 @@ def retain_mia_reference(
     model, tokenizer = loader(retain_model_dir)
     ensure_pad(tokenizer)
     kw = dict(max_length=max_length, batch_size=cfg.batch_size, device=device, progress=progress)
-    aucs = mia_aucs(mia_split_scores(model, tokenizer, forget, desc=f"retain MIA {forget_split}", **kw),
-                    mia_split_scores(model, tokenizer, holdout, desc=f"retain MIA {holdout_split}", **kw))
+    aucs = mia_aucs(mia_split_scores(model, tokenizer, forget, desc=f"retain MIA {forget_split}", fmt=fmt, **kw),
+                    mia_split_scores(model, tokenizer, holdout, desc=f"retain MIA {holdout_split}", fmt=fmt, **kw))
     _write_mia_reference(mia_reference_path(folder, key), key, aucs, forget, holdout, forget_split=forget_split,
-                         holdout_split=holdout_split, max_length=max_length)
+                         holdout_split=holdout_split, max_length=max_length, fmt=fmt)
     return aucs

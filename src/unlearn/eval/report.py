@@ -39,6 +39,23 @@ HEADLINE: tuple[tuple[str, str], ...] = (
 )
 
 
+PAGE_CSS = """body { font-family: system-ui, sans-serif; margin: 2em; max-width: %s; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }
+td.num { text-align: right; font-family: monospace; }
+td.sub { padding-left: 2em; color: #444; }"""
+"""The style every HTML page of the project shares (the reports, the comparison page); ``%s``: the page width."""
+
+
+def html_page(title: str, body: str, *, max_width: str = "70em", css: str = "") -> str:
+    """A self-contained HTML page: the shared style (:data:`PAGE_CSS`, plus ``css``), ``<h1>title</h1>``, then
+    ``body`` (HTML, inserted as given). The one page shell of the TOFU and MUSE reports and the comparison page."""
+    t = html.escape(title, quote=True)
+    style = PAGE_CSS % max_width + ("\n" + css if css else "")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{t}</title>\n'
+            f"<style>\n{style}\n</style></head><body>\n<h1>{t}</h1>\n{body}</body></html>\n")
+
+
 def _md_cell(text: Any) -> str:
     s = html.escape("" if text is None else str(text), quote=False)  # Markdown renders inline HTML
     return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
@@ -160,18 +177,7 @@ def write_report(
                        f"<td>{esc(e['evaluated'] if e['evaluated'] is not None else 'n/a')}</td>"
                        f"<td>{esc(e['truth'])}</td><td class=\"num\">{esc(fmt_number(e['rouge']))}</td></tr>"
                        for e in examples) + "</table>")
-    doc = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
-td, th {{ border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }}
-td.num {{ text-align: right; font-family: monospace; }}
-td.sub {{ padding-left: 2em; color: #444; }}
-table.ex td {{ max-width: 22em; }}
-</style></head><body>
-<h1>{esc(title)}</h1>
-<p>Forget split: <code>{esc(result.forget_split)}</code></p>
+    body = f"""<p>Forget split: <code>{esc(result.forget_split)}</code></p>
 <table class="metrics"><tr><th>Metric</th><th>Value</th></tr>
 {rows_html}
 </table>
@@ -179,7 +185,7 @@ table.ex td {{ max-width: 22em; }}
 <h2>Forget truth ratios</h2>
 <img alt="truth ratio histogram" src="data:image/png;base64,{img}">
 {ex_html}
-</body></html>
 """
+    doc = html_page(title, body, css="table.ex td { max-width: 22em; }")
     (out_dir / "report.html").write_text(doc)
     return {"md": out_dir / "report.md", "html": out_dir / "report.html", "png": png}

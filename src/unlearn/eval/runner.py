@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from unlearn.config import EvalCfg
+from unlearn.models.template import PLAIN, QAFormat
 
 from .generation import generate_answers
 from .loading import load_eval_model
@@ -48,8 +49,9 @@ def evaluate_dir(
     progress: bool = True,
     reference_dir: str | Path | None = None,
     holdout_split: str | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> EvalResult:
-    """Evaluate the model saved in ``model_dir`` and write ``out_dir``:
+    """Evaluate the model saved in ``model_dir`` in the prompt format ``fmt`` and write ``out_dir``:
 
     ``metrics.json`` (flat, DVC metrics), ``notes.json`` (why any metric is
     None), ``per_example.jsonl`` (one JSON object per example, with ``split``),
@@ -73,7 +75,7 @@ def evaluate_dir(
         fq_reason = f"not computed: retain model {retain_model_dir} not found (no weight files)"
     else:
         ref = retain_reference(retain_model_dir, splits, forget_split=forget_split, max_length=max_length,
-                               cfg=cfg, device=device, progress=progress, reference_dir=reference_dir)
+                               cfg=cfg, device=device, progress=progress, reference_dir=reference_dir, fmt=fmt)
 
     mia_ref: dict | None = None
     own_mia_ref = False  # the evaluated model is the retain model: its AUCs are the reference
@@ -84,12 +86,12 @@ def evaluate_dir(
         else:
             mia_ref = retain_mia_reference(retain_model_dir, splits, forget_split=forget_split,
                                            holdout_split=holdout_split, max_length=max_length, cfg=cfg, device=device,
-                                           progress=progress, reference_dir=reference_dir)
+                                           progress=progress, reference_dir=reference_dir, fmt=fmt)
 
     model, tokenizer = load_eval_model(model_dir, device)
     result = evaluate_model(model, tokenizer, splits, forget_split=forget_split, max_length=max_length, cfg=cfg,
                             retain_truth_ratios=ref, progress=progress, device=device, holdout_split=holdout_split,
-                            retain_mia_aucs=mia_ref)
+                            retain_mia_aucs=mia_ref, fmt=fmt)
     del model
     if fq_reason is not None:
         result.notes["forget_quality"] = fq_reason
@@ -98,7 +100,7 @@ def evaluate_dir(
     if own_mia_ref:
         own = {a: result.metrics[MIA_KEYS[a]] for a in ATTACKS}
         store_mia_reference(retain_model_dir, splits, own, forget_split=forget_split, holdout_split=holdout_split,
-                            max_length=max_length, reference_dir=reference_dir)
+                            max_length=max_length, reference_dir=reference_dir, fmt=fmt)
         set_privleak(result, own)
 
     target_generations: dict | None = None
@@ -107,7 +109,7 @@ def evaluate_dir(
         tmodel, ttok = load_eval_model(target_model_dir, device)
         gens = generate_answers(tmodel, ttok, [r["question"] for r in rows], max_new_tokens=cfg.max_new_tokens,
                                 batch_size=cfg.batch_size, device=device, progress=progress,
-                                desc="generating target")
+                                desc="generating target", fmt=fmt)
         target_generations = {r.get("id", i): g for i, (r, g) in enumerate(zip(rows, gens))}
         del tmodel
     if torch.cuda.is_available():

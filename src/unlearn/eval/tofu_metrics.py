@@ -51,9 +51,10 @@ import torch
 
 from unlearn.config import EvalCfg
 from unlearn.models.formatting import encode_many, ensure_pad
+from unlearn.models.template import PLAIN, QAFormat
 from unlearn.models.truncation import FIELDS, split_summary, truncation_table, truncation_warning
 
-from .generation import generate_answers, rouge_l_recall
+from .generation import generate_answers, rouge_ground_truths, rouge_l_recall
 from .mia import ATTACKS, TokenStats, attack_scores, mia_auc, privleak, token_stats
 from .pair_stats import teacher_forced_stats
 
@@ -110,8 +111,8 @@ def true_better(r: np.ndarray) -> float | None:
 
 def split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_length: int, batch_size: int,
                  device: torch.device | str | None = None, progress: bool = False,
-                 desc: str = "scoring") -> dict[str, np.ndarray]:
-    """Teacher-forced per-row quantities for one split, from one flattened batch of pairs.
+                 desc: str = "scoring", fmt: QAFormat = PLAIN) -> dict[str, np.ndarray]:
+    """Teacher-forced per-row quantities for one split, from one flattened batch of pairs (in the format ``fmt``).
 
     Returns arrays of length ``len(rows)``: ``answer_prob``, ``answer_mean_nll``,
     ``correct_prob`` (paraphrase for forget/retain, answer otherwise),
@@ -144,7 +145,7 @@ def split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_lengt
             pert_owner.append(i)
 
     st = teacher_forced_stats(model, tokenizer, questions, answers, max_length, batch_size, device,
-                              progress=progress, desc=desc)
+                              progress=progress, desc=desc, fmt=fmt)
     mean_nll, prob = st.mean_nll, st.prob
     pert_idx_a = np.asarray(pert_idx, dtype=np.int64)
     owner = np.asarray(pert_owner, dtype=np.int64)
@@ -175,7 +176,7 @@ def split_scores(model, tokenizer, rows: Sequence[dict], *, role: str, max_lengt
 
 def mia_split_scores(model, tokenizer, rows: Sequence[dict], *, max_length: int, batch_size: int,
                      device: torch.device | str | None = None, progress: bool = False,
-                     desc: str = "MIA scoring") -> dict[str, np.ndarray]:
+                     desc: str = "MIA scoring", fmt: QAFormat = PLAIN) -> dict[str, np.ndarray]:
     """Loss-like membership scores of every attack (:data:`~unlearn.eval.mia.ATTACKS`) per row of one split.
 
     Each row is encoded as training encodes it (``encode_many``: prompt masked,
@@ -189,7 +190,7 @@ def mia_split_scores(model, tokenizer, rows: Sequence[dict], *, max_length: int,
     rows = list(rows)
     if not rows:
         return {a: np.zeros(0) for a in ATTACKS}
-    enc = encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], max_length)
+    enc = encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], max_length, fmt=fmt)
     stats = token_stats(model, enc, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
                         progress=progress, desc=desc)
     answers = [r["answer"] for r in rows]
@@ -311,8 +312,9 @@ def evaluate_model(
     device: torch.device | str | None = None,
     holdout_split: str | None = None,
     retain_mia_aucs: Mapping[str, float | None] | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> EvalResult:
-    """All TOFU metrics of ``model`` on ``splits``.
+    """All TOFU metrics of ``model`` on ``splits``, every row encoded and prompted in the format ``fmt``.
 
     ``splits`` maps split names to rows; the forget split is ``forget_split``,
     the utility splits are looked up as ``retain_perturbed``, ``real_authors``
@@ -344,7 +346,7 @@ def evaluate_model(
     if holdout is not None:
         scored_fields[holdout] = ("answer",)  # membership inference scores the answers only
     truncation = truncation_table(tokenizer, {name: list(splits[name]) for name in scored_fields}, max_length,
-                                  scored_fields)
+                                  scored_fields, fmt=fmt)
     warning = truncation_warning(truncation)
     if warning:
         log.warning("evaluation: %s", warning)
@@ -361,12 +363,14 @@ def evaluate_model(
         rows = list(splits[name])
         notes[f"{role}_truncation"] = _truncation_note(name, truncation)
         sc = split_scores(model, tokenizer, rows, role=role, max_length=max_length, batch_size=cfg.batch_size,
-                          device=device, progress=progress, desc=f"scoring {name}")
+                          device=device, progress=progress, desc=f"scoring {name}", fmt=fmt)
         n_gen = len(rows) if cap is None else min(len(rows), max(cap, 0))
         gens = generate_answers(model, tokenizer, [r["question"] for r in rows[:n_gen]],
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device,
-                                progress=progress, desc=f"generating {name}")
-        rouges = [rouge_l_recall(r["answer"], g) for r, g in zip(rows, gens)]
+                                progress=progress, desc=f"generating {name}", fmt=fmt)
+        truths = rouge_ground_truths(tokenizer, [r["question"] for r in rows[:n_gen]],
+                                     [r["answer"] for r in rows[:n_gen]], max_length, fmt=fmt)
+        rouges = [rouge_l_recall(t, g) for t, g in zip(truths, gens)]
 
         prob_key = "answer_prob" if role in (FORGET_ROLE, RETAIN_ROLE) else "normalised_prob"
         recs = []
@@ -424,10 +428,10 @@ def evaluate_model(
         notes["holdout_truncation"] = _truncation_note(holdout, truncation)
         mia_f = mia_split_scores(model, tokenizer, list(splits[forget_split]), max_length=max_length,
                                  batch_size=cfg.batch_size, device=device, progress=progress,
-                                 desc=f"MIA scoring {forget_split}")
+                                 desc=f"MIA scoring {forget_split}", fmt=fmt)
         mia_h = mia_split_scores(model, tokenizer, list(splits[holdout]), max_length=max_length,
                                  batch_size=cfg.batch_size, device=device, progress=progress,
-                                 desc=f"MIA scoring {holdout}")
+                                 desc=f"MIA scoring {holdout}", fmt=fmt)
         aucs = mia_aucs(mia_f, mia_h)
         for a, key in MIA_KEYS.items():
             metrics[key] = aucs[a]

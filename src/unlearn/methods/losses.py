@@ -22,15 +22,24 @@ Conventions shared by every function here:
   that each rank's value is its share of the global loss and the shares add up
   to exactly what one process computes on the whole batch. ``None`` = the local
   count (a plain mean).
+* ``chunk`` (``method.loss_chunk``): every loss that reads the logits computes
+  its per-position terms over chunks of ``chunk`` positions, each under
+  activation checkpointing, so that its ``[B, T, V]`` float32 intermediates
+  (log-softmax, one-hot, p+/p-, ...) exist for one chunk at a time, in the
+  forward and in the backward pass; only the logits and their gradient are
+  whole. Same value and gradient as ``chunk=0`` (the whole sequence at once) up
+  to float rounding (``tests/test_losses.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..models.formatting import IGNORE
 from ..models.scoring import mean_nll, shift
@@ -51,14 +60,62 @@ Mask = Literal["topk", "gold"]
 # --------------------------------------------------------------------------- #
 
 
-def ga_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
-    """Gradient ascent: minus the mean answer-token NLL over the batch."""
-    return -mean_nll(logits, labels, n_tokens)
+def per_position(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor | None], chunk: int = 0) -> torch.Tensor:
+    """``fn(*tensors)`` -> ``[B, T']``, computed over chunks of ``chunk`` positions (dim 1) and concatenated.
+
+    ``fn`` must act on each position independently (its inputs are sliced along dim 1). With ``chunk`` 0 or
+    at least the length, one call on the whole tensors. Otherwise each chunk runs under non-reentrant
+    activation checkpointing while gradients are recorded: its intermediates are freed after the forward pass
+    and recomputed, one chunk at a time, in the backward pass.
+    """
+    length = next(t for t in tensors if t is not None).size(1)
+    if not chunk or length <= chunk:
+        return fn(*tensors)
+    outs = []
+    for start in range(0, length, chunk):
+        parts = [None if t is None else t[:, start:start + chunk] for t in tensors]
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in parts):
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    return torch.cat(outs, 1)
 
 
-def nll_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
+def _gold_logp(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+    """Shifted logits ``[B, c, V]`` and labels ``[B, c]`` -> log p(label), 0 where the label is IGNORE."""
+    mask = lb != IGNORE
+    safe = lb.masked_fill(~mask, 0)
+    logp = -F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), safe.reshape(-1), reduction="none").view(lb.shape)
+    return logp * mask
+
+
+def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log p(label) (0 off the answer) and the answer mask ``[B, T-1]``, chunked over positions.
+
+    ``chunk=0`` is :func:`unlearn.models.scoring.token_logprobs` itself.
+    """
+    lg, lb = shift(logits, labels)
+    return per_position(_gold_logp, [lg, lb], chunk), lb != IGNORE
+
+
+def sequence_logp(logits: torch.Tensor, labels: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of answer-token log-probs ``[B]`` and answer lengths ``[B]`` (``scoring.sequence_logprob``, chunked)."""
+    logp, mask = answer_logprobs(logits, labels, chunk)
+    return logp.sum(-1), mask.sum(-1)
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None, chunk: int = 0) -> torch.Tensor:
     """Retain NLL: mean answer-token NLL over the batch (the fine-tuning loss)."""
-    return mean_nll(logits, labels, n_tokens)
+    if not chunk:
+        return mean_nll(logits, labels, n_tokens)
+    logp, mask = answer_logprobs(logits, labels, chunk)
+    denom = mask.sum().clamp(min=1) if n_tokens is None else max(float(n_tokens), 1.0)
+    return -(logp.sum() / denom)
+
+
+def ga_loss(logits: torch.Tensor, labels: torch.Tensor, n_tokens: float | None = None, chunk: int = 0) -> torch.Tensor:
+    """Gradient ascent: minus the mean answer-token NLL over the batch."""
+    return -nll_loss(logits, labels, n_tokens, chunk)
 
 
 def batch_mean(values: torch.Tensor, n_rows: float | None = None) -> torch.Tensor:
@@ -173,7 +230,25 @@ def build_buckets(
     within the tail is aggregated.
     """
     lg, lb = shift(policy_logits, labels)
+    return _buckets(lg, lb, ref_ids, ref_logp, ref_label_logp, need_gold=need_gold)
+
+
+def _buckets(
+    lg: torch.Tensor,
+    lb: torch.Tensor,
+    ref_ids: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    ref_label_logp: torch.Tensor | None = None,
+    *,
+    need_gold: bool = False,
+) -> Buckets:
+    """:func:`build_buckets` on already shifted logits ``[B, T', V]`` and labels ``[B, T']`` (any T': a chunk).
+
+    ``ref_logp=None`` with ``ref_ids=None`` is the online reference: the detached policy's own log-softmax.
+    """
     lg = lg.float()
+    if ref_ids is None and ref_logp is None:
+        ref_logp = lg.detach().log_softmax(-1)
     mask = lb != IGNORE
     safe_lb = lb.masked_fill(~mask, 0)
     B, Tm1, V = lg.shape
@@ -258,15 +333,21 @@ def kl_retain_loss(
     ref_logp: torch.Tensor,
     ref_label_logp: torch.Tensor | None = None,
     n_tokens: float | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """Mean over answer positions of KL(pi_ref || pi_theta) (bucket space when ``ref_ids`` is given).
 
     With top-K buckets the value is a lower bound of the exact KL; the gap at a
     position is ``Ref_tail * KL(ref|tail || pi|tail)``.
     """
-    b = build_buckets(policy_logits, labels, ref_ids, ref_logp, ref_label_logp)
-    kl = (b.ref.exp() * (b.ref - b.policy)).sum(-1)
-    return _mean_over_answers(kl, b.mask, n_tokens)
+    lg, lb = shift(policy_logits, labels)
+    kl = per_position(_kl_positions, [lg, lb, ref_ids, ref_logp, ref_label_logp], chunk)
+    return _mean_over_answers(kl, lb != IGNORE, n_tokens)
+
+
+def _kl_positions(lg, lb, ref_ids, ref_logp, ref_label_logp) -> torch.Tensor:
+    b = _buckets(lg, lb, ref_ids, ref_logp, ref_label_logp)
+    return (b.ref.exp() * (b.ref - b.policy)).sum(-1)
 
 
 def undial_loss(
@@ -277,6 +358,7 @@ def undial_loss(
     beta: float,
     ref_label_logp: torch.Tensor | None = None,
     n_tokens: float | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """UNDIAL self-distillation: target q_t = softmax(ref logits - beta * onehot(y_t));
     loss = mean over answer positions of KL(q_t || pi_theta).
@@ -285,10 +367,15 @@ def undial_loss(
     constant offset) and averages over ALL positions; see docs/dipo.md.
     Cached mode needs ``ref_label_logp`` (the gold token must be a bucket).
     """
-    b = build_buckets(policy_logits, labels, ref_ids, ref_logp, ref_label_logp, need_gold=True)
+    lg, lb = shift(policy_logits, labels)
+    kl = per_position(partial(_undial_positions, beta=beta), [lg, lb, ref_ids, ref_logp, ref_label_logp], chunk)
+    return _mean_over_answers(kl, lb != IGNORE, n_tokens)
+
+
+def _undial_positions(lg, lb, ref_ids, ref_logp, ref_label_logp, *, beta: float) -> torch.Tensor:
+    b = _buckets(lg, lb, ref_ids, ref_logp, ref_label_logp, need_gold=True)
     q = (b.ref - beta * b.gold.float()).log_softmax(-1)
-    kl = (q.exp() * (q - b.policy)).sum(-1)
-    return _mean_over_answers(kl, b.mask, n_tokens)
+    return (q.exp() * (q - b.policy)).sum(-1)
 
 
 def dipo_delta(
@@ -302,16 +389,27 @@ def dipo_delta(
     beta: float = 0.1,
     mask: Mask = "topk",
     ref_label_logp: torch.Tensor | None = None,
+    chunk: int = 0,
 ) -> torch.Tensor:
     """DiPO margin per example ``[B]``: Delta = sum_t [R(s_t, p+_t) - R(s_t, p-_t)] with
     R(s, p) = beta * sum_z p(z) (log pi_theta(z|s) - log pi_ref(z|s)),
-    p-_t = softmax(l_t + gamma 1[M_t]), p+_t = softmax(l_t - gamma 1[M_t]) (constants)."""
-    b = build_buckets(policy_logits, labels, ref_ids, ref_logp, ref_label_logp, need_gold=(mask == "gold"))
+    p-_t = softmax(l_t + gamma 1[M_t]), p+_t = softmax(l_t - gamma 1[M_t]) (constants).
+
+    ``ref_ids=None, ref_logp=None``: the online reference (the detached policy), built chunk by chunk."""
+    lg, lb = shift(policy_logits, labels)
+    fn = partial(_dipo_positions, k=k, gamma=gamma, beta=beta, mask=mask)
+    return per_position(fn, [lg, lb, ref_ids, ref_logp, ref_label_logp], chunk).sum(-1)
+
+
+def _dipo_positions(lg, lb, ref_ids, ref_logp, ref_label_logp, *, k: int, gamma: float, beta: float,
+                    mask: Mask) -> torch.Tensor:
+    """Per answer position: beta * sum_z (p+ - p-)(z) (log pi_theta - log pi_ref)(z); 0 off the answer."""
+    b = _buckets(lg, lb, ref_ids, ref_logp, ref_label_logp, need_gold=(mask == "gold"))
     mem = b.memory(k, mask).float()
     p_minus = (b.ref + gamma * mem).softmax(-1)
     p_plus = (b.ref - gamma * mem).softmax(-1)
     reward_diff = beta * ((p_plus - p_minus) * (b.policy - b.ref)).sum(-1)
-    return (reward_diff * b.mask).sum(-1)
+    return reward_diff * b.mask
 
 
 def dipo_forget_loss(
@@ -347,4 +445,4 @@ def dipo_online_loss(policy_logits: torch.Tensor, labels: torch.Tensor, **knobs:
     The value is always ``(2/beta) log 2``; only the gradient
     ``-(1/B) * (p+_t - p-_t)`` matters.
     """
-    return dipo_forget_loss(policy_logits, labels, None, online_ref_logp(policy_logits), **knobs)
+    return dipo_forget_loss(policy_logits, labels, None, None, **knobs)  # None, None: online, chunk by chunk

@@ -28,7 +28,6 @@ from typing import Any, Callable
 import torch
 
 from ..config import MethodCfg
-from ..models.scoring import sequence_logprob
 from . import losses
 
 NEEDS = frozenset({"ref_seq", "ref_idk_seq", "ref_topk", "ref_retain_topk", "retain", "idk"})
@@ -95,7 +94,7 @@ def _retain_term(model, batch: dict, cfg: MethodCfg) -> torch.Tensor | None:
     part = batch["retain"]
     logits = _logits(model, part)
     if cfg.retain_loss == "nll":
-        return losses.nll_loss(logits, part["labels"], part.get("n_tokens"))
+        return losses.nll_loss(logits, part["labels"], part.get("n_tokens"), chunk=cfg.loss_chunk)
     dev = logits.device
     return losses.kl_retain_loss(
         logits,
@@ -104,6 +103,7 @@ def _retain_term(model, batch: dict, cfg: MethodCfg) -> torch.Tensor | None:
         _ref(batch, "retain_topk_logp", dev),
         _ref(batch, "retain_label_logp", dev, optional=True),
         n_tokens=part.get("n_tokens"),
+        chunk=cfg.loss_chunk,
     )
 
 
@@ -126,9 +126,9 @@ def _finish(
     return loss, dict(zip(named, values))
 
 
-def _forget_seq_logp(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _forget_seq_logp(model, batch: dict, cfg: MethodCfg) -> tuple[torch.Tensor, torch.Tensor]:
     part = batch["forget"]
-    return sequence_logprob(_logits(model, part), part["labels"])
+    return losses.sequence_logp(_logits(model, part), part["labels"], cfg.loss_chunk)
 
 
 # --------------------------------------------------------------------------- #
@@ -143,17 +143,17 @@ def _rows(batch: dict) -> float | None:
 
 def _ga(model, batch, cfg):
     part = batch["forget"]
-    return _finish(losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens")), None, cfg)
+    return _finish(losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens"), cfg.loss_chunk), None, cfg)
 
 
 def _graddiff(model, batch, cfg):
     part = batch["forget"]
-    forget = losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens"))
+    forget = losses.ga_loss(_logits(model, part), part["labels"], part.get("n_tokens"), cfg.loss_chunk)
     return _finish(forget, _retain_term(model, batch, cfg), cfg)
 
 
 def _npo_forget(model, batch, cfg):
-    pol, _ = _forget_seq_logp(model, batch)
+    pol, _ = _forget_seq_logp(model, batch, cfg)
     return losses.npo_loss(pol, _ref(batch, "seq_logp", pol.device), cfg.npo.beta, _rows(batch))
 
 
@@ -166,15 +166,15 @@ def _npo_rt(model, batch, cfg):
 
 
 def _simnpo(model, batch, cfg):
-    pol, n = _forget_seq_logp(model, batch)
+    pol, n = _forget_seq_logp(model, batch, cfg)
     forget = losses.simnpo_loss(pol, n, cfg.simnpo.beta, cfg.simnpo.delta, _rows(batch))
     return _finish(forget, _retain_term(model, batch, cfg), cfg, forget_weight=cfg.simnpo.forget_weight)
 
 
 def _dpo_idk(model, batch, cfg):
     idk = batch["idk"]
-    pol_c, _ = sequence_logprob(_logits(model, idk), idk["labels"])
-    pol_r, _ = _forget_seq_logp(model, batch)
+    pol_c, _ = losses.sequence_logp(_logits(model, idk), idk["labels"], cfg.loss_chunk)
+    pol_r, _ = _forget_seq_logp(model, batch, cfg)
     dev = pol_r.device
     forget = losses.dpo_loss(
         pol_c, pol_r, _ref(batch, "idk_seq_logp", dev), _ref(batch, "seq_logp", dev), cfg.dpo.beta, _rows(batch)
@@ -194,6 +194,7 @@ def _undial(model, batch, cfg):
         cfg.undial.beta,
         _ref(batch, "label_logp", dev, optional=True),
         n_tokens=part.get("n_tokens"),
+        chunk=cfg.loss_chunk,
     )
     return _finish(forget, _retain_term(model, batch, cfg), cfg)
 
@@ -203,14 +204,15 @@ def _dipo_forget_term(model, batch, cfg) -> tuple[torch.Tensor, dict[str, torch.
     logits = _logits(model, part)
     d = cfg.dipo
     if d.reference == "online":
-        ids, ref_logp, ref_label = None, losses.online_ref_logp(logits), None
+        ids, ref_logp, ref_label = None, None, None  # the detached policy, built chunk by chunk
     else:
         dev = logits.device
         ids = _ref(batch, "topk_ids", dev)
         ref_logp = _ref(batch, "topk_logp", dev)
         ref_label = _ref(batch, "label_logp", dev, optional=(d.mask != "gold" or ids is None))
     delta = losses.dipo_delta(
-        logits, part["labels"], ids, ref_logp, k=d.k, gamma=d.gamma, beta=d.beta, mask=d.mask, ref_label_logp=ref_label
+        logits, part["labels"], ids, ref_logp, k=d.k, gamma=d.gamma, beta=d.beta, mask=d.mask, ref_label_logp=ref_label,
+        chunk=cfg.loss_chunk,
     )
     forget = losses.preference_loss(delta, d.beta, _rows(batch))
     return forget, {"dipo_delta": losses.batch_mean(delta, _rows(batch))}

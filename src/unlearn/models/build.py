@@ -114,8 +114,12 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith(".")
 
 
-def save_model(model, tokenizer, out_dir: str | Path) -> None:
+def save_model(model, tokenizer, out_dir: str | Path, adapter=None) -> None:
     """``save_pretrained`` (safetensors) of model and tokenizer into ``out_dir``, atomically.
+
+    ``adapter``: a writer of the LoRA adapter the (merged) model was trained with
+    (:func:`unlearn.models.lora.merge`); it writes into ``out_dir/adapter``, where a
+    directory loader never looks (``load_model`` reads the merged weights).
 
     Written to a sibling temp directory and renamed, so an interrupted save never
     leaves a directory that looks like a model but is not one.
@@ -129,6 +133,10 @@ def save_model(model, tokenizer, out_dir: str | Path) -> None:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            from .lora import ADAPTER_DIR
+
+            adapter(tmp / ADAPTER_DIR)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

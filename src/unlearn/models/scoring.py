@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .formatting import IGNORE, Encoded, encode_many
+from .template import PLAIN, QAFormat
 from .teacher_forced import teacher_forced_pass
 
 
@@ -78,12 +79,13 @@ def score_answers(
     max_length: int,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    fmt: QAFormat = PLAIN,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed answer NLL and answer length per (question, answer) pair (:func:`score_encoded` of the QA rows).
 
     Callers flatten paraphrased and perturbed answers into one list so they share forward passes.
     """
-    enc = encode_many(tokenizer, questions, answers, max_length)
+    enc = encode_many(tokenizer, questions, answers, max_length, fmt=fmt)
     return score_encoded(model, enc, tokenizer.pad_token_id, batch_size, device)
 
 

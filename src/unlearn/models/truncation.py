@@ -18,6 +18,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from .formatting import qa_lengths
+from .template import PLAIN, QAFormat
 
 FIELDS = ("answer", "paraphrased_answer", "perturbed_answer")
 MAX_CUT_FRACTION = 0.01  # the suggested max_length cuts fewer than this share of every split's rows
@@ -61,6 +62,7 @@ def truncation_table(
     splits: Mapping[str, Sequence[Any]],
     max_length: int,
     fields: Mapping[str, Sequence[str]] | Sequence[str] = FIELDS,
+    fmt: QAFormat = PLAIN,
 ) -> dict[str, Any]:
     """Per split and field: rows encoded, rows cut at ``max_length``, their percentage and the longest row.
 
@@ -69,7 +71,7 @@ def truncation_table(
     Returns ``{"max_length", "splits": {split: {field: {"rows", "truncated", "percent",
     "max_tokens"}}}, "rows", "truncated", "suggested_max_length"}``, where
     ``suggested_max_length`` is the smallest ``max_length`` that cuts under 1 % of the
-    rows of every split and field (:func:`min_length_for`).
+    rows of every split and field (:func:`min_length_for`). Rows are counted in the prompt format ``fmt``.
     """
     out: dict[str, dict[str, dict[str, Any]]] = {}
     total = cut = 0
@@ -83,7 +85,7 @@ def truncation_table(
             qs, texts = field_pairs(rows, f)
             if not qs:
                 continue
-            lengths = qa_lengths(tokenizer, qs, texts)
+            lengths = qa_lengths(tokenizer, qs, texts, fmt=fmt)
             k = sum(1 for n in lengths if n > max_length)
             per[f] = {"rows": len(lengths), "truncated": k, "percent": round(100.0 * k / len(lengths), 2),
                       "max_tokens": max(lengths)}

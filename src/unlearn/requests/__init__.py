@@ -2,6 +2,9 @@
 honours them (:mod:`unlearn.requests.cycle`: ``unlearn request run`` and the Prefect deployment unlearn/requests;
 not imported here: it runs the stages, a layer above the rest of this package, see docs/architecture.md).
 
+:mod:`unlearn.requests.coverage` tells whether a registered version's forget set already holds every row of a
+request (``request add`` says so; ``request run`` settles it by that version without unlearning).
+
 See ``docs/requests.md`` for the life of a request and how the pipeline uses this.
 ``request_app`` (the ``unlearn request`` typer sub-app) lives in
 :mod:`unlearn.requests.cli`, the command-line layer: not imported here.

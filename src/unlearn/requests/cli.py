@@ -51,6 +51,29 @@ def _echo_result(res) -> None:
     typer.echo(line)
 
 
+def _tell_honoured(p, ledger, results, full) -> None:
+    """For each newly added request: is it already honoured by a registered version (its forget set holds every
+    row), or partly? Say so, and note it in the ledger (an event; the request stays pending, and the next
+    `unlearn request run` settles a fully honoured one without unlearning). A registry that cannot be read is a
+    warning: the request is recorded either way."""
+    from .cycle import already_honoured
+
+    added = [r.request for r in results if r.status == "added"]
+    if not added:
+        return
+    try:
+        found = already_honoured(p, added, full)
+    except Exception as e:  # noqa: BLE001 - the registry is advisory here; the run checks again
+        typer.echo(f"warning: could not check the registered models for these requests: {type(e).__name__}: {e}", err=True)
+        return
+    for rid, cov in found.items():
+        msg, note = cov.message(), cov.note()
+        if msg is None:
+            continue
+        typer.echo(f"  {msg}")
+        ledger.note(rid, note, reason=note)
+
+
 @request_app.command("add")
 @_friendly
 def add(
@@ -62,7 +85,9 @@ def add(
     set_: SetOpt = None,
 ) -> None:
     """Record one deletion request. Exactly one of --author / --rows. A subject that matches no rows of
-    data.out_dir/full.json is stored as rejected with the reason (exit code 1)."""
+    data.out_dir/full.json is stored as rejected with the reason (exit code 1). If a registered model version's
+    forget set already holds every row of the request, it says which (with its evidence) and notes it in the
+    ledger; the request stays pending and the next `request run` settles it by that version, without unlearning."""
     if (author is None) == (rows is None):
         raise typer.BadParameter("give exactly one of --author NAME_OR_ID or --rows ID1,ID2")
     p, _, ledger = _open(params, set_)
@@ -70,7 +95,8 @@ def add(
         full, source = _full_rows(p)
         res = ledger.add(request_id, "author" if author is not None else "rows", author if author is not None else rows,
                          received_at, known_rows=full, source=source)
-    _echo_result(res)
+        _echo_result(res)
+        _tell_honoured(p, ledger, [res], full)
     if res.status == "rejected":
         raise typer.Exit(1)
 
@@ -101,6 +127,8 @@ def list_(
         if j == 0:
             typer.echo("  ".join("-" * w for w in widths) + "  ------")
     counts = {s: sum(r.status == s for r in reqs) for s in ("pending", "in_progress", "fulfilled", "rejected")}
+    if any(r.status == "needs_attention" for r in reqs):
+        counts["needs_attention"] = sum(r.status == "needs_attention" for r in reqs)
     typer.echo("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()))
 
 
@@ -124,8 +152,9 @@ def ingest(
             return
         full, source = _full_rows(p)
         res = ingest_inbox(ledger, inbox_dir, full, source=source, strict=False)
-    for r in res:
-        _echo_result(r)
+        for r in res:
+            _echo_result(r)
+        _tell_honoured(p, ledger, res, full)
     counts = {s: sum(r.status == s for r in res) for s in ("added", "duplicate", "rejected")}
     typer.echo(f"{len(res.moved)} file(s) processed: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     if res.errors:
@@ -158,6 +187,22 @@ def show(
         typer.echo(f"  {ev['at']}  {ev['from_status'] or '-'} -> {ev['to_status']}  {ev['detail'] or ''}".rstrip())
 
 
+@request_app.command("retry")
+@_friendly
+def retry(
+    request_id: Annotated[list[str], typer.Argument(help="request id(s) in needs_attention")],
+    why: Annotated[Optional[str], typer.Option("--why", help="what changed (recorded in the ledger)")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Put requests that failed the gate requests.max_attempts times (needs_attention) back to pending, their
+    attempts counted from zero: the next `request run` unlearns them again."""
+    _, _, ledger = _open(params, set_)
+    with ledger:
+        for r in ledger.retry(request_id, why):
+            typer.echo(f"retry: {r.request_id} status={r.status}")
+
+
 @request_app.command("run")
 @_friendly
 def run(
@@ -179,6 +224,13 @@ def run(
     if out["status"] == "idle":
         typer.echo("no pending deletion requests")
         return
+    for rid, c in out.get("already_honoured", {}).items():
+        aliases = f" ({', '.join(c['aliases'])})" if c.get("aliases") else ""
+        typer.echo(f"already honoured: {rid} fulfilled by {c['name']} v{c['version']}{aliases}, whose forget set holds "
+                   f"its {c['covered']} rows (answer prob before={fmt_number(c.get('prob_before'))} "
+                   f"after={fmt_number(c.get('prob_after'))}); nothing unlearned")
+    if out["status"] == "honoured":
+        return
     d, info = out["decision"], out["forget_set"]
     typer.echo(f"forget set {info['forget_set_hash'][:12]}: {info['rows']} rows, honouring "
                f"{', '.join(info['honoured'])} (splits in {info['dir']})")
@@ -191,4 +243,7 @@ def run(
         typer.echo(f"fulfilled: {ids} by {d['registered_model']} v{d['version']}{aliases}")
         return
     typer.echo(f"gate failed: {ids} back to pending: {'; '.join(d.get('reasons') or ['not registered'])}", err=True)
+    if d.get("needs_attention"):
+        typer.echo(f"needs attention (failed the gate requests.max_attempts times, not retried until `unlearn request "
+                   f"retry`): {', '.join(d['needs_attention'])}", err=True)
     raise typer.Exit(1)

@@ -2,9 +2,10 @@
 
 ::
 
-    intake (inbox -> ledger, stale claims recovered) -> claim (in_progress) -> target model
-      -> request splits (+ ``dvc add``) -> retain model for that forget set -> reference cache -> forget
-      -> evaluate retain, target, unlearned -> register -> ledger: fulfilled, or back to pending
+    intake (inbox -> ledger, stale claims recovered) -> claim (in_progress)
+      -> already honoured? (a registered version's forget set holds every row: fulfilled by it, nothing trained)
+      -> target model -> request splits (+ ``dvc add``) -> retain model for that forget set -> reference cache
+      -> forget -> evaluate retain, target, unlearned -> register -> ledger: fulfilled, or back to pending
 
 :func:`honour_requests` is that sequence, and the ledger transitions around it, written
 once. ``unlearn request run`` runs it in-process with :class:`CycleSteps`; the Prefect
@@ -152,6 +153,37 @@ def dvc_add(path: Path) -> None:
         raise RuntimeError(f"dvc add {path} failed: {res.stderr.strip()[-2000:]}")
 
 
+def already_honoured(p: Params, requests: Sequence[Any], full: Sequence[dict] | None = None) -> dict[str, Any]:
+    """``{request_id: Coverage}``: each request against every registered version (:mod:`unlearn.requests.coverage`),
+    read from the registry (:func:`unlearn.tracking.registered_versions`) and matched against the ``full`` split
+    (``full``: its rows, when the caller has read them already).
+
+    A version registered before its forget set was recorded row by row (no ``forget_row_evidence.*`` tags) is
+    checked against its forget split on disk (``params.data.out_dir`` / ``params.data.forget_split`` tags) when
+    that file still hashes to its ``forget_set_hash``; otherwise it is listed as unchecked, never as honouring.
+    """
+    from .. import stages, tracking
+    from ..data.splits import read_split
+    from .coverage import EVIDENCE_TAG, coverage
+
+    if not requests:
+        return {}
+    versions = tracking.registered_versions(p)
+    for v in versions:
+        tags = v["tags"]
+        if any(k.startswith(EVIDENCE_TAG + ".") for k in tags):
+            continue
+        out_dir, split = tags.get("params.data.out_dir"), tags.get("params.data.forget_split")
+        if out_dir and split and (Path(out_dir) / f"{split}.json").is_file():
+            try:
+                v["forget_row_ids"] = [r["id"] for r in read_split(out_dir, split)]
+            except Exception as e:  # noqa: BLE001 - unreadable: the version stays unchecked
+                log.warning("%s v%s: cannot read its forget split %s/%s: %s", v.get("name"), v.get("version"), out_dir,
+                            split, e)
+    full = stages.read_splits(p, ["full"])["full"] if full is None else full
+    return {r.request_id: coverage(r, full, versions) for r in requests}
+
+
 def fault_point(stage: str) -> None:
     """Kill this process (SIGKILL, no cleanup) if :data:`FAULT_ENV` names ``stage``: how the tests prove that a
     crash mid-run leaves the claimed requests in_progress, never fulfilled."""
@@ -207,6 +239,25 @@ class CycleSteps:
     def request_splits(self) -> RequestSplitsInfo:
         return request_splits(self.params())
 
+    def already_honoured(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{request_id: the registered version (VersionCoverage as a dict)}`` for each claimed request whose rows
+        are all in a registered version's forget set (champion first): those are settled without unlearning."""
+        p = self.params()
+        with Ledger(requests_settings(p).url) as ledger:
+            reqs = [r for r in (ledger.get(i) for i in request_ids) if r is not None]
+        found = already_honoured(p, reqs)
+        return {rid: c.honoured_by.to_dict() for rid, c in found.items() if c.honoured_by is not None}
+
+    def record_honoured(self, honoured: dict[str, dict[str, Any]]) -> None:
+        """In the registry: each version lists the requests it settles (``request_ids``) with their evidence."""
+        from .. import tracking
+
+        p = self.params()
+        for (name, version), ids in _by_version(honoured).items():
+            tracking.add_requests_to_version(p, name, version, {
+                rid: {"prob_before": honoured[rid].get("prob_before"), "prob_after": honoured[rid].get("prob_after")}
+                for rid in ids})
+
     def finetune(self, extra: Sequence[str], *, role: str, out_dir: str) -> dict[str, Any]:
         from .. import stages
 
@@ -228,19 +279,37 @@ class CycleSteps:
 
         return stages.evaluate(self.params(extra), model_path, name, retain_dir, target_dir).metrics
 
-    def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str]) -> dict[str, Any]:
+    def request_evidence(self, *, model_path: str, request_ids: list[str], earlier: list[str]) -> dict[str, Any]:
+        """``requests.oracle: none``: each request's rows vs the holdout rows under ``model_path``
+        (:mod:`unlearn.requests.evidence`), from the base data (``full`` and ``holdoutXX``). ``earlier``: the
+        requests an earlier version already honoured (a failure of theirs is a regression)."""
+        from .. import stages
+        from .evidence import request_evidence_for_model
+
+        p = self.params()
+        with Ledger(requests_settings(p).url) as ledger:
+            reqs = [r for r in (ledger.get(i) for i in request_ids) if r is not None]
+        ev = request_evidence_for_model(p, model_path, reqs, stages.read_splits(p, ["full"])["full"])
+        return {"per_request": ev["per_request"], "earlier": list(earlier), "holdout_split": ev["holdout_split"]}
+
+    def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str],
+                 request_gate: dict[str, Any] | None = None) -> dict[str, Any]:
         from .. import stages
 
-        return stages.register(self.params(extra), model_path=model_path, request_ids=request_ids)
+        return stages.register(self.params(extra), model_path=model_path, request_ids=request_ids,
+                               request_gate=request_gate)
 
 
 # --------------------------------------------------------------------------- the cycle
 def honour_requests(steps: CycleSteps) -> dict[str, Any]:
     """Pending deletion requests -> forget set -> unlearn -> evaluate -> gate -> register -> ledger updated.
 
-    Returns ``{"status": "idle", "pending": []}`` when nothing is pending, else
-    ``{"status": "fulfilled" | "gate_failed", "requests", "decision", "metrics", "forget_set"}``.
-    On an exception the claimed requests go back to pending with the reason and it is
+    Returns ``{"status": "idle", "pending": []}`` when nothing is pending. A claimed request whose rows are all in
+    a registered version's forget set is fulfilled by that version first, without training or evaluating anything
+    (``already_honoured``: ``{request_id: that version}``); if that leaves none, the result is
+    ``{"status": "honoured", "requests": [], "already_honoured"}``. Otherwise the rest (``requests``) is unlearned:
+    ``{"status": "fulfilled" | "gate_failed", "requests", "decision", "metrics", "forget_set", "already_honoured"}``.
+    On an exception the claimed requests not yet fulfilled go back to pending with the reason and it is
     re-raised (module docstring: crash safety).
     """
     steps.before_intake()
@@ -251,36 +320,75 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
     url = requests_settings(steps.params()).url
     with Ledger(url) as ledger:
         ledger.mark_in_progress(pending, detail=steps.detail)
+    claimed = list(pending)  # still in_progress: what a failure puts back to pending
+    honoured: dict[str, dict[str, Any]] = {}
     try:
+        # Already honoured: a registered version's forget set holds every row. Fulfilled by it; nothing is trained.
+        honoured = steps.already_honoured(pending)
+        if honoured:
+            steps.record_honoured(honoured)
+            for (name, version), ids in _by_version(honoured).items():
+                c = honoured[ids[0]]
+                with Ledger(url) as ledger:
+                    ledger.mark_fulfilled(ids, model_name=name, model_version=version, forget_set_hash=c["forget_set_hash"],
+                                          detail=f"already honoured by {name} v{version}: its forget set "
+                                                 f"{str(c['forget_set_hash'])[:12]} holds every row; nothing unlearned")
+                claimed = [i for i in claimed if i not in ids]
+        if not claimed:
+            log.info("requests %s: already honoured, nothing to unlearn", ", ".join(pending))
+            return {"status": "honoured", "requests": [], "already_honoured": honoured}
         target = steps.target()
         info = steps.request_splits()
         paths = RequestPaths(info["forget_set_hash"])
         extra = paths.overrides()
         retain, unlearned = str(paths.retain_dir), str(paths.unlearned_dir)
-        steps.finetune(extra, role="retain", out_dir=retain)  # gold standard for this forget set
+        oracle = requests_settings(steps.params()).oracle
+        if oracle == "retain":
+            steps.finetune(extra, role="retain", out_dir=retain)  # gold standard for this forget set
         steps.cache(extra, target_dir=target)
         fault_point("forget")
         steps.forget(extra, out_dir=unlearned, target_dir=target)
+        models = (("retain", retain),) if oracle == "retain" else ()
         metrics = {name: steps.evaluate(extra, model_path=model, name=name, retain_dir=retain, target_dir=target)
-                   for name, model in (("retain", retain), ("target", target), ("unlearned", unlearned))}
-        decision = steps.register(extra, model_path=unlearned, request_ids=info["honoured"])
+                   for name, model in (*models, ("target", target), ("unlearned", unlearned))}
+        gate = None
+        if oracle == "none":  # every request the model claims to honour, against the holdout: no retain model
+            gate = steps.request_evidence(model_path=unlearned, request_ids=info["honoured"],
+                                          earlier=[i for i in info["honoured"] if i not in claimed])
+        decision = steps.register(extra, model_path=unlearned, request_ids=info["honoured"],
+                                  **({"request_gate": gate} if gate is not None else {}))
     except BaseException as e:
         with Ledger(url) as ledger:
-            ledger.mark_failed(pending, f"{type(e).__name__}: {e}"[:2000])
+            ledger.mark_failed(claimed, f"{type(e).__name__}: {e}"[:2000])
         raise
-    status = settle(url, pending, decision, info["forget_set_hash"])
-    log.info("requests %s: %s (model version %s)", ", ".join(pending), status, decision.get("version"))
-    return {"status": status, "requests": pending, "decision": decision, "metrics": metrics, "forget_set": info}
+    status = settle(url, claimed, decision, info["forget_set_hash"],
+                    max_attempts=requests_settings(steps.params()).max_attempts)
+    log.info("requests %s: %s (model version %s)", ", ".join(claimed), status, decision.get("version"))
+    return {"status": status, "requests": claimed, "decision": decision, "metrics": metrics, "forget_set": info,
+            "already_honoured": honoured}
 
 
-def settle(ledger_url: str, request_ids: list[str], decision: dict[str, Any], forget_set_hash: str) -> str:
+def _by_version(honoured: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """The settled requests grouped by the registered version that honours them (request order kept)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for rid, c in honoured.items():
+        out.setdefault((str(c["name"]), str(c["version"])), []).append(rid)
+    return out
+
+
+def settle(ledger_url: str, request_ids: list[str], decision: dict[str, Any], forget_set_hash: str, *,
+           max_attempts: int | None = None, evidence: dict[str, Any] | None = None) -> str:
     """The claimed requests after registration: ``fulfilled`` by the registered version if it passed the
-    gate, else back to ``pending`` with the gate's reasons (``gate_failed``)."""
+    gate, else back to ``pending`` with the gate's reasons (``gate_failed``), or ``needs_attention`` (with the
+    ``evidence``) for those whose model has now failed the gate ``max_attempts`` times (``requests.max_attempts``):
+    they are not retried by every later run. ``decision["needs_attention"]`` lists them."""
     with Ledger(ledger_url) as ledger:
         if decision.get("passed") and decision.get("version") is not None:
             ledger.mark_fulfilled(request_ids, model_name=decision.get("registered_model"),
                                   model_version=str(decision["version"]), forget_set_hash=forget_set_hash)
             return "fulfilled"
         reasons = "; ".join(decision.get("reasons") or ["not registered"])
-        ledger.mark_failed(request_ids, f"gate failed: {reasons}")
+        moved = ledger.mark_gate_failed(request_ids, reasons, max_attempts=max_attempts,
+                                        evidence={"metrics": decision.get("metrics"), **(evidence or {})})
+        decision["needs_attention"] = [i for i, st in moved.items() if st == "needs_attention"]
         return "gate_failed"

@@ -10,15 +10,32 @@ Two tables (SQLAlchemy Core, any SQLAlchemy URL; SQLite by default):
     ``model_name`` / ``model_version`` (the registered version that fulfilled it),
     ``forget_set_hash`` (of the forget set that model was unlearned on), ``updated_at``.
 ``request_events``
-    append-only: ``(event_id, request_id, at, from_status, to_status, detail)``.
+    append-only: ``(event_id, request_id, at, from_status, to_status, detail, row_hash, prev_hash, event_hash)``.
     Every insert and every status change writes exactly one event, in the same
-    transaction as the change; nothing ever updates or deletes an event.
+    transaction as the change; so does a note (:meth:`Ledger.note`: a finding, such as
+    "already honoured by a registered version", with from and to status the same).
+    Nothing ever updates or deletes an event.
+``ledger_meta``
+    ``(key, value)``: ``chain_head`` (the last event's hash), and for a ledger created before the hash chain,
+    ``chain_migrated_at`` / ``chain_migrated_events``.
+
+The hash chain (tamper evidence)
+--------------------------------
+Every event carries ``row_hash`` (:func:`row_digest` of its request's row just after the change),
+``prev_hash`` (the previous event's ``event_hash``; :data:`GENESIS` for the first) and ``event_hash``
+(:func:`event_digest` of its own fields and ``prev_hash``). ``prev_hash`` is unique, so two writers cannot
+fork the chain (the second insert fails and its transaction rolls back). :meth:`Ledger.verify` recomputes it
+all and names an edited event, a deleted event, an edited or deleted request row. Registered model versions
+carry the head (tag ``ledger_chain_head``), so a chain rewritten from scratch no longer contains them.
+A ledger written before the chain existed is migrated when it is opened: its events are hashed as they are
+then, and ``verify`` says that edits made before the migration cannot be detected.
 
 Status machine (anything else raises :class:`TransitionError`, nothing changes)::
 
     add ──> pending ──mark_in_progress──> in_progress ──mark_fulfilled──> fulfilled
-      │        ^  │                          │  │
-      │        │  └──reject──> rejected      │  └──mark_failed / recover_stale──> pending
+      │        ^  │                          │  │  └──mark_gate_failed, max_attempts reached──> needs_attention
+      │        │  └──reject──> rejected      │  └──mark_failed / mark_gate_failed / recover_stale──> pending
+      │        └──────────── retry ──────────────────────────────────────────── needs_attention ──reject──> rejected
       └──> rejected (subject matches no rows)
 
 Every transition call is one transaction over all the ids it is given: either
@@ -29,7 +46,9 @@ request cannot both move it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -43,10 +62,12 @@ from sqlalchemy.exc import IntegrityError
 from ..config import Params, RequestsCfg  # RequestsCfg is re-exported: it lives with the other sections
 from ..errors import UserError
 
+log = logging.getLogger("unlearn.requests")
+
 SubjectType = Literal["author", "rows"]
-Status = Literal["pending", "in_progress", "fulfilled", "rejected"]
+Status = Literal["pending", "in_progress", "fulfilled", "rejected", "needs_attention"]
 SUBJECT_TYPES: tuple[str, ...] = ("author", "rows")
-STATUSES: tuple[str, ...] = ("pending", "in_progress", "fulfilled", "rejected")
+STATUSES: tuple[str, ...] = ("pending", "in_progress", "fulfilled", "rejected", "needs_attention")
 ACCEPTED: tuple[str, ...] = ("pending", "in_progress", "fulfilled")
 """Statuses whose rows belong in every forget set from now on (a fulfilled request stays honoured)."""
 
@@ -92,7 +113,8 @@ requests_table = sa.Table(
     sa.Column("forget_set_hash", sa.String(64)),
     sa.Column("updated_at", sa.String(40), nullable=False),
     sa.CheckConstraint("subject_type IN ('author', 'rows')", name="ck_deletion_requests_subject_type"),
-    sa.CheckConstraint("status IN ('pending', 'in_progress', 'fulfilled', 'rejected')", name="ck_deletion_requests_status"),
+    sa.CheckConstraint("status IN ('pending', 'in_progress', 'fulfilled', 'rejected', 'needs_attention')",
+                       name="ck_deletion_requests_status"),
 )
 
 events_table = sa.Table(
@@ -104,7 +126,28 @@ events_table = sa.Table(
     sa.Column("from_status", sa.String(16)),
     sa.Column("to_status", sa.String(16), nullable=False),
     sa.Column("detail", sa.Text),
+    sa.Column("row_hash", sa.String(64)),
+    sa.Column("prev_hash", sa.String(64)),
+    sa.Column("event_hash", sa.String(64)),
+    sa.Index("ux_request_events_prev_hash", "prev_hash", unique=True),
 )
+
+meta_table = sa.Table(
+    "ledger_meta",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text),
+)
+
+GATE_FAILED_PREFIX = "gate failed"
+"""Detail of the event of a gate failure (:meth:`Ledger.mark_gate_failed`): what :meth:`Ledger.gate_attempts` counts."""
+RETRY_PREFIX = "retry:"
+"""Detail of the event of :meth:`Ledger.retry`: the gate attempts are counted from there."""
+GENESIS = "0" * 64
+"""``prev_hash`` of the first event of a chain."""
+CHAIN_HEAD = "chain_head"
+CHAIN_FIELDS = ("request_id", "at", "from_status", "to_status", "detail", "row_hash", "prev_hash")
+"""What an event's hash covers, in this order (its ``event_id`` is not covered: the links give the order)."""
 
 
 # --------------------------------------------------------------------------- records
@@ -142,6 +185,27 @@ class Request:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    """What :meth:`Ledger.verify` found: ``problems`` (empty when ``ok``), each naming the event or request."""
+
+    ok: bool
+    events: int
+    requests: int
+    head: str
+    problems: list[str]
+    migrated: str | None = None
+    hashes: frozenset[str] = frozenset()
+
+    def render(self) -> str:
+        lines = [f"ledger: {self.events} event(s) over {self.requests} request(s), chain head {self.head[:12]}: "
+                 + ("OK" if self.ok else f"{len(self.problems)} problem(s)")]
+        lines += [f"  FAIL {p}" for p in self.problems]
+        if self.migrated:
+            lines.append(f"  note: {self.migrated}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -302,10 +366,92 @@ def _engine_for(url: str) -> sa.Engine:
     return sa.create_engine(u, **kwargs)
 
 
+def _canon(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def row_digest(row: Mapping[str, Any]) -> str:
+    """sha256 of a ``deletion_requests`` row (every column, canonical JSON)."""
+    return hashlib.sha256(_canon({c.name: row.get(c.name) for c in requests_table.columns})).hexdigest()
+
+
+def event_digest(ev: Mapping[str, Any]) -> str:
+    """sha256 of an event's :data:`CHAIN_FIELDS` (canonical JSON): its ``event_hash``."""
+    return hashlib.sha256(_canon([ev.get(k) for k in CHAIN_FIELDS])).hexdigest()
+
+
+def _head(conn: sa.Connection) -> str:
+    last = conn.execute(sa.select(events_table.c.event_hash).order_by(events_table.c.event_id.desc()).limit(1)).scalar()
+    return last or GENESIS
+
+
+def _set_meta(conn: sa.Connection, key: str, value: str) -> None:
+    if conn.execute(meta_table.update().where(meta_table.c.key == key).values(value=value)).rowcount == 0:
+        conn.execute(meta_table.insert().values(key=key, value=value))
+
+
 def _insert_event(conn: sa.Connection, request_id: str, at: str, from_status: str | None, to_status: str, detail: str | None) -> None:
-    conn.execute(
-        events_table.insert().values(request_id=request_id, at=at, from_status=from_status, to_status=to_status, detail=detail)
-    )
+    """Append one event, chained: called in the transaction that changed the request, after the change (so the
+    database's write lock is already held, and the row hashed is the new one)."""
+    row = conn.execute(sa.select(requests_table).where(requests_table.c.request_id == request_id)).first()
+    ev = {"request_id": request_id, "at": at, "from_status": from_status, "to_status": to_status, "detail": detail,
+          "row_hash": None if row is None else row_digest(row._mapping), "prev_hash": _head(conn)}
+    ev["event_hash"] = event_digest(ev)
+    conn.execute(events_table.insert().values(**ev))
+    _set_meta(conn, CHAIN_HEAD, ev["event_hash"])
+
+
+def _migrate_statuses(engine: sa.Engine) -> None:
+    """A ledger whose status CHECK constraint predates ``needs_attention``: widen it (SQLite: rebuild the table,
+    rows kept as they are, so their row hashes stay valid)."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            ddl = conn.execute(sa.text("SELECT sql FROM sqlite_master WHERE type='table' AND name='deletion_requests'")).scalar()
+        else:
+            ddl = " ".join(str(c.get("sqltext")) for c in sa.inspect(conn).get_check_constraints("deletion_requests"))
+    if not ddl or "needs_attention" in ddl:
+        return
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.execute(sa.text("ALTER TABLE deletion_requests RENAME TO deletion_requests_old"))
+            requests_table.create(conn)
+            conn.execute(sa.text("INSERT INTO deletion_requests SELECT * FROM deletion_requests_old"))
+            conn.execute(sa.text("DROP TABLE deletion_requests_old"))
+        else:
+            conn.execute(sa.text("ALTER TABLE deletion_requests DROP CONSTRAINT ck_deletion_requests_status"))
+            conn.execute(sa.text("ALTER TABLE deletion_requests ADD CONSTRAINT ck_deletion_requests_status CHECK "
+                                 "(status IN ('pending', 'in_progress', 'fulfilled', 'rejected', 'needs_attention'))"))
+    log.warning("ledger migrated: status needs_attention allowed")
+
+
+def _migrate(engine: sa.Engine) -> None:
+    """Bring a ledger written by an older version up to this schema, in one transaction: the hash-chain columns
+    (every existing event hashed as it is now, each request's last event given its current row hash; recorded in
+    ``ledger_meta``)."""
+    _migrate_statuses(engine)
+    cols = {c["name"] for c in sa.inspect(engine).get_columns("request_events")}
+    if "event_hash" in cols:
+        return
+    with engine.begin() as conn:
+        meta_table.create(conn, checkfirst=True)
+        for name in ("row_hash", "prev_hash", "event_hash"):
+            if name not in cols:
+                conn.execute(sa.text(f"ALTER TABLE request_events ADD COLUMN {name} VARCHAR(64)"))
+        evs = [dict(r._mapping) for r in conn.execute(sa.select(events_table).order_by(events_table.c.event_id))]
+        last = {e["request_id"]: e["event_id"] for e in evs}
+        rows = {r.request_id: row_digest(r._mapping) for r in conn.execute(sa.select(requests_table))}
+        prev = GENESIS
+        for e in evs:
+            e["row_hash"] = rows.get(e["request_id"]) if last[e["request_id"]] == e["event_id"] else None
+            e["prev_hash"] = prev
+            e["event_hash"] = prev = event_digest(e)
+            conn.execute(events_table.update().where(events_table.c.event_id == e["event_id"]).values(
+                row_hash=e["row_hash"], prev_hash=e["prev_hash"], event_hash=e["event_hash"]))
+        conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ux_request_events_prev_hash ON request_events (prev_hash)"))
+        _set_meta(conn, CHAIN_HEAD, prev)
+        _set_meta(conn, "chain_migrated_at", utc_iso(datetime.now(timezone.utc)))
+        _set_meta(conn, "chain_migrated_events", str(len(evs)))
+    log.warning("ledger migrated to the hash chain: %d existing event(s) hashed as they are now", len(evs))
 
 
 def _record(row: Any) -> Request:
@@ -322,6 +468,10 @@ class Ledger:
         self.url = url or f"sqlite:///{DEFAULT_LEDGER_PATH}"
         self._engine = _engine_for(self.url)
         self._clock = clock or (lambda: datetime.now(timezone.utc))
+        with self._engine.connect() as conn:
+            old = sa.inspect(conn).has_table("request_events")
+        if old:
+            _migrate(self._engine)
         metadata.create_all(self._engine)
 
     # -- lifecycle
@@ -379,6 +529,59 @@ class Ledger:
             q = q.where(events_table.c.request_id == request_id)
         with self._engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def chain_head(self) -> str:
+        """The hash of the last event (:data:`GENESIS` for an empty ledger): what a registered version records."""
+        with self._engine.connect() as conn:
+            return _head(conn)
+
+    def verify(self) -> ChainReport:
+        """Recompute the hash chain: every event's hash, every link, every request row against the state its last
+        event recorded, and the stored head. Each problem names the event or request (module docstring)."""
+        with self._engine.connect() as conn:
+            evs = [dict(r._mapping) for r in conn.execute(sa.select(events_table).order_by(events_table.c.event_id))]
+            rows = {r.request_id: dict(r._mapping) for r in conn.execute(sa.select(requests_table))}
+            meta = {r.key: r.value for r in conn.execute(sa.select(meta_table))}
+        problems: list[str] = []
+        prev, prev_id = GENESIS, None
+        last: dict[str, dict[str, Any]] = {}
+
+        def what(e: Mapping[str, Any]) -> str:
+            return f"event {e['event_id']} ({e['request_id']} {e['from_status'] or '-'} -> {e['to_status']})"
+
+        for e in evs:
+            if e["prev_hash"] != prev:
+                where = f"after event {prev_id}" if prev_id is not None else "at the start of the chain"
+                problems.append(f"deleted event: the chain breaks {where}: {what(e)} does not link to "
+                                f"{'event ' + str(prev_id) if prev_id is not None else 'the chain start'} "
+                                "(an event between them was deleted, or the earlier one edited and re-hashed)")
+            if event_digest(e) != e["event_hash"]:
+                problems.append(f"edited event: {what(e)} no longer hashes to its recorded hash "
+                                f"{str(e['event_hash'])[:12]}: its content was changed")
+            prev, prev_id = e["event_hash"], e["event_id"]
+            last[e["request_id"]] = e
+        head = prev
+        stored = meta.get(CHAIN_HEAD)
+        if stored is not None and stored != head:
+            problems.append(f"deleted event: the ledger's recorded chain head {stored[:12]} is not its last event's "
+                            f"hash {head[:12]}: the latest event(s) after event {prev_id} were deleted")
+        for rid, row in rows.items():
+            e = last.get(rid)
+            if e is None:
+                problems.append(f"edited row: request {rid} has no events: it was inserted outside the ledger")
+            elif e["row_hash"] is not None and row_digest(row) != e["row_hash"]:
+                problems.append(f"edited row: request {rid} (status={row['status']}, model={row['model_name']} "
+                                f"v{row['model_version']}, forget set {str(row['forget_set_hash'])[:12]}) is not the "
+                                f"state its last {what(e)} recorded: the row was edited, or its later events deleted")
+        for rid in sorted(set(last) - set(rows)):
+            problems.append(f"deleted row: request {rid} is gone from deletion_requests but has events")
+        migrated = None
+        if meta.get("chain_migrated_events"):
+            migrated = (f"the first {meta['chain_migrated_events']} event(s) predate the hash chain: they were hashed "
+                        f"as they stood when the ledger was migrated ({meta.get('chain_migrated_at')}); an edit "
+                        "made before then cannot be detected")
+        return ChainReport(ok=not problems, events=len(evs), requests=len(rows), head=head, problems=problems,
+                           migrated=migrated, hashes=frozenset(e["event_hash"] for e in evs))
 
     # -- writes
     def add(
@@ -490,12 +693,98 @@ class Ledger:
         )
 
     def reject(self, ids: Iterable[str], reason: str) -> list[Request]:
-        """pending -> rejected (an operator decision, e.g. a request found to be invalid), with the reason."""
+        """pending or needs_attention -> rejected (an operator decision, e.g. a request found to be invalid)."""
         if not isinstance(reason, str) or not reason.strip():
             raise TransitionError("cannot reject: a reason is required; nothing was changed")
         return self._transition(
-            ids, allowed_from=("pending",), to="rejected", values={"reason": reason}, detail=f"rejected: {reason}", action="reject"
+            ids, allowed_from=("pending", "needs_attention"), to="rejected", values={"reason": reason},
+            detail=f"rejected: {reason}", action="reject"
         )
+
+    def gate_attempts(self, request_id: str) -> int:
+        """How many times a model unlearned for this request failed the gate since it was added or last retried
+        (:meth:`retry`): counted from its events, so the count is as tamper-evident as the chain."""
+        n = 0
+        for e in self.events(request_id):
+            detail = e["detail"] or ""
+            if detail.startswith(RETRY_PREFIX):
+                n = 0
+            elif e["from_status"] == "in_progress" and detail.startswith(GATE_FAILED_PREFIX):
+                n += 1
+        return n
+
+    def mark_gate_failed(self, ids: Iterable[str], reason: str, *, max_attempts: int | None,
+                         evidence: Mapping[str, Any] | None = None) -> dict[str, str]:
+        """in_progress -> pending, or -> ``needs_attention`` for a request whose model has now failed the gate
+        ``max_attempts`` times (:meth:`gate_attempts`): it is no longer retried by every scheduled run; its reason
+        holds the failure and ``evidence`` (JSON), for a person to look at. Returns ``{id: new status}``.
+        One transaction over all ids, like every transition."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise TransitionError("cannot mark gate failed: a reason is required; nothing was changed")
+        ids = list(dict.fromkeys(ids))
+        plan: dict[str, tuple[str, str, str]] = {}
+        for i in ids:
+            n = self.gate_attempts(i) + 1
+            of = f" of {max_attempts}" if max_attempts else ""
+            detail = f"{GATE_FAILED_PREFIX} (attempt {n}{of}): {reason}"
+            if max_attempts is not None and n >= max_attempts:
+                ev = f"; evidence: {json.dumps(evidence.get(i, evidence), default=str)}" if evidence else ""
+                why = (f"needs attention: the gate failed {n} time(s) (requests.max_attempts={max_attempts}), "
+                       f"not retried until `unlearn request retry {i}`; last failure: {reason}{ev}")
+                plan[i] = ("needs_attention", why[:20000], detail)
+            else:
+                plan[i] = ("pending", detail, detail)
+        now = self._now()
+        with self._engine.begin() as conn:
+            current = {r.request_id: r.status for r in conn.execute(
+                sa.select(requests_table.c.request_id, requests_table.c.status).where(requests_table.c.request_id.in_(ids)))}
+            bad = [f"{i} is {current.get(i, 'unknown')}" for i in ids if current.get(i) != "in_progress"]
+            if bad:
+                raise TransitionError(f"cannot mark gate failed: requires status in_progress, but {_first(bad)}; "
+                                      "nothing was changed")
+            for i, (to, why, detail) in plan.items():
+                res = conn.execute(requests_table.update().where(requests_table.c.request_id == i,
+                                                                 requests_table.c.status == "in_progress")
+                                   .values(status=to, reason=why, updated_at=now))
+                if res.rowcount != 1:
+                    raise TransitionError(f"cannot mark gate failed: {i} changed status concurrently; nothing was changed")
+                _insert_event(conn, i, now, "in_progress", to, detail)
+        return {i: to for i, (to, _, _) in plan.items()}
+
+    def retry(self, ids: Iterable[str], detail: str | None = None) -> list[Request]:
+        """needs_attention -> pending (an operator decision, e.g. after changing the method or the thresholds): the
+        next run unlearns it again, with its gate attempts counted from zero."""
+        return self._transition(ids, allowed_from=("needs_attention",), to="pending",
+                                values={"reason": None}, detail=f"{RETRY_PREFIX} {detail or 'by an operator'}",
+                                action="retry")
+
+    def note(self, request_id: str, detail: str, *, reason: str | None = None) -> Request:
+        """Record a finding about a request without changing its status: one event whose from and to status are
+        both the current one, with ``detail`` (and ``reason`` stored on the request when given). E.g. ``request
+        add`` noting that a registered version already honours the new request. TransitionError if unknown."""
+        if not isinstance(detail, str) or not detail.strip():
+            raise TransitionError("cannot note: a detail is required; nothing was changed")
+        now = self._now()
+        with self._engine.begin() as conn:
+            status = conn.execute(
+                sa.select(requests_table.c.status).where(requests_table.c.request_id == request_id)
+            ).scalar_one_or_none()
+            if status is None:
+                raise TransitionError(f"cannot note: unknown request id {request_id}; nothing was changed")
+            values: dict[str, Any] = {"updated_at": now}
+            if reason is not None:
+                values["reason"] = reason
+            res = conn.execute(
+                requests_table.update()
+                .where(requests_table.c.request_id == request_id, requests_table.c.status == status)
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                raise TransitionError(f"cannot note: {request_id} changed status concurrently; nothing was changed")
+            _insert_event(conn, request_id, now, status, status, detail)
+        rec = self.get(request_id)
+        assert rec is not None
+        return rec
 
     def recover_stale(self, older_than: timedelta | None = None) -> list[Request]:
         """in_progress -> pending for requests a run claimed but never finished (it crashed or was killed).
