@@ -138,8 +138,9 @@ def evaluate_task(params_path: str, overrides: list[str] | None, model_path: str
 
 @task(name="register", retries=2, retry_delay_seconds=5)
 def register_task(params_path: str, overrides: list[str] | None, request_ids: list[str] | None = None,
-                  model_path: str | None = None) -> dict:
-    return stages.register(_p(params_path, overrides), model_path=model_path, request_ids=request_ids)
+                  model_path: str | None = None, request_gate: dict[str, Any] | None = None) -> dict:
+    return stages.register(_p(params_path, overrides), model_path=model_path, request_ids=request_ids,
+                           request_gate=request_gate)
 
 
 @task(name="requests-intake")
@@ -234,9 +235,10 @@ class PrefectCycle(cycle.CycleSteps):
         return evaluate_task(params_path=self.params_path, overrides=[*self.overrides, *extra], model_path=model_path,
                          name=name, retain_dir=retain_dir, target_dir=target_dir)
 
-    def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str]) -> dict[str, Any]:
+    def register(self, extra: Sequence[str], *, model_path: str, request_ids: list[str],
+                 request_gate: dict[str, Any] | None = None) -> dict[str, Any]:
         return register_task(params_path=self.params_path, overrides=[*self.overrides, *extra],
-                             request_ids=request_ids, model_path=model_path)
+                             request_ids=request_ids, model_path=model_path, request_gate=request_gate)
 
 
 PARAMS_FILES = {"tofu": "params.yaml", "muse": "muse/params.yaml", "requests": "params.yaml"}

@@ -260,3 +260,110 @@ def test_same_result_whatever_the_launcher(tiny_project: Path, tmp_path: Path):
         for key, v in metrics["plain"].items():
             if isinstance(v, float):
                 assert metrics[name][key] == pytest.approx(v, rel=1e-5, abs=1e-6), (name, key)
+
+
+# --------------------------------------------------------------------------- FSDP (torch FSDP2 on gloo ranks)
+FSDP_SCRIPT = textwrap.dedent(
+    '''
+    import json, sys
+    from pathlib import Path
+
+    import torch
+
+    from unlearn.config import ArchCfg
+    from unlearn.models.build import build_model, train_tokenizer
+    from unlearn.models.formatting import collate, encode_many
+    from unlearn.models.scoring import mean_nll
+    from unlearn.train import LoopCfg, consolidate, fsdp2_shard, make_accelerator, train_loop
+
+    out, mode = Path(sys.argv[1]), sys.argv[2]
+    torch.set_num_threads(1)
+    questions = [f"What is fact number {i} about author {i % 5}?" for i in range(16)]
+    answers = [f"Author {i % 5} wrote book {i} in the year {1900 + 7 * i}." for i in range(16)]
+    tok = train_tokenizer([q + " " + a for q, a in zip(questions, answers)] * 4, 300)
+    arch = ArchCfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                   intermediate_size=64, max_position_embeddings=64)
+    enc = encode_many(tok, questions, answers, 48)
+    acc = make_accelerator()
+    world, rank = acc.num_processes, acc.process_index
+    model = build_model(arch, tok, seed=0)
+    full = {n: p.numel() for n, p in model.named_parameters()}
+    local = dict(full)
+    if mode == "fsdp":
+        from torch.distributed.tensor import DTensor
+
+        fsdp2_shard(model)
+        params = dict(model.named_parameters())
+        assert all(isinstance(p, DTensor) for p in params.values()), [n for n, p in params.items()
+                                                                      if not isinstance(p, DTensor)]
+        local = {n: p.to_local().numel() for n, p in params.items()}
+        placements = sorted({str(p.placements) for p in params.values()})
+    cfg = LoopCfg(epochs=3, batch_size=8 // world, lr=3e-3, warmup_ratio=0.25, seed=0, desc=f"{mode} test")
+
+    def step_loss(m, batch):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return mean_nll(logits, batch["labels"], batch.get("n_tokens")), {}
+
+    log = train_loop(model, len(enc), lambda idx, ep: collate([enc[i] for i in idx], tok.pad_token_id), step_loss,
+                     cfg, accelerator=acc)
+    whole = consolidate(acc, model, lambda: build_model(arch, tok, seed=0))
+    rec = {"rank": rank, "world": world, "full": full, "local": local,
+           "placements": placements if mode == "fsdp" else None}
+    if whole is not None:
+        torch.save({n: p.detach().clone() for n, p in whole.named_parameters()}, out / "weights.pt")
+        rec.update(losses=[e["loss"] for e in log], lrs=[e["lr"] for e in log], rows=[e["rows"] for e in log])
+    (out / f"rank{rank}.json").write_text(json.dumps(rec))
+    '''
+)
+
+
+def test_fsdp2_on_two_cpu_ranks_shards_and_matches_the_unsharded_run(tmp_path: Path):
+    """torch FSDP2 (``train.fsdp2_shard``) under torchrun on 2 gloo ranks, against one unsharded process.
+
+    ``accelerate`` with ``cpu=True`` and an FSDP plugin silently trains plain DDP (../shared/STACK.md), so the
+    sharding is torch's own, and the test asserts that it really happened: every parameter is a DTensor, and
+    each rank holds about half of each. The same global batch (8 rows = 1 x 8 = 2 x 4) gives the same loss of
+    every step and the same final weights up to float32 summation order: the tolerance of
+    test_same_result_whatever_the_launcher (1e-5 relative on the losses), 1e-6 absolute on the weights.
+    """
+    launcher = _bin("torchrun")
+    if launcher is None:
+        pytest.skip("torchrun is not installed next to this interpreter or on PATH")
+    script = tmp_path / "fsdp_script.py"
+    script.write_text(FSDP_SCRIPT)
+    plain_dir, fsdp_dir = tmp_path / "plain", tmp_path / "fsdp"
+    plain_dir.mkdir()
+    fsdp_dir.mkdir()
+    (plain,) = _run([sys.executable, str(script), str(plain_dir), "plain"], plain_dir)
+    ranks = _run([launcher, "--nproc_per_node", "2", "--nnodes", "1", "--master_port", str(_free_port()),
+                  str(script), str(fsdp_dir), "fsdp"], fsdp_dir)
+    assert plain["world"] == 1 and sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world"] == 2 for r in ranks)
+    # Really sharded: each rank holds a part of every parameter, the parts add up to the whole.
+    for name, n in ranks[0]["full"].items():
+        parts = [r["local"][name] for r in ranks]
+        assert sum(parts) == n and max(parts) < n, (name, parts, n)
+    assert ranks[0]["placements"] == ["(Shard(dim=0),)"]
+    main = next(r for r in ranks if r["rank"] == 0)
+    assert main["rows"] == plain["rows"] and main["lrs"] == plain["lrs"]
+    assert main["losses"] == pytest.approx(plain["losses"], rel=1e-5, abs=1e-7)
+    assert main["losses"][-1] < main["losses"][0]
+    a, b = torch.load(plain_dir / "weights.pt"), torch.load(fsdp_dir / "weights.pt")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - c).abs().max().item() for k, c in _initial(a).items())
+    assert worst <= 1e-6 and moved > 1e-3, (worst, moved)  # equal, and training did move the weights
+
+
+def _initial(trained: dict) -> dict:
+    """The untrained weights of the scripts' model (same tokenizer, same seed)."""
+    ns: dict = {}
+    exec(FSDP_SCRIPT.split("out, mode =")[0], ns)  # the imports
+    exec(textwrap.dedent('''
+        questions = [f"What is fact number {i} about author {i % 5}?" for i in range(16)]
+        answers = [f"Author {i % 5} wrote book {i} in the year {1900 + 7 * i}." for i in range(16)]
+        tok = train_tokenizer([q + " " + a for q, a in zip(questions, answers)] * 4, 300)
+        arch = ArchCfg(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                       intermediate_size=64, max_position_embeddings=64)
+        model = build_model(arch, tok, seed=0)
+    '''), ns)
+    return {n: p.detach() for n, p in ns["model"].named_parameters() if n in trained}

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import copy_project, env
 from unlearn.io import read_json
@@ -34,10 +35,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The served MUSE run only has to reach a gate decision (tests/test_muse_e2e.py checks the default's results):
+# a smaller corpus and fewer epochs keep it to a fraction of the default's training time.
+SMALL_MUSE = {("finetune", "epochs"): 10, ("method", "epochs"): 2,
+              **{("muse", "synthetic", k): 4 for k in ("articles_per_fold", "retain_articles", "holdout_articles")}}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     d = copy_project(tmp_path_factory.mktemp("flows"))
     (d / ".prefect").mkdir()
+    muse = yaml.safe_load((d / "muse" / "params.yaml").read_text())
+    for keys, value in SMALL_MUSE.items():
+        node = muse
+        for k in keys[:-1]:
+            node = node[k]
+        assert keys[-1] in node, keys
+        node[keys[-1]] = value
+    (d / "muse" / "params.yaml").write_text(yaml.safe_dump(muse, sort_keys=False))
     return d
 
 

@@ -170,36 +170,37 @@ def _forget(project: Path, out: Path, overrides: list[str]):
         os.chdir(cwd)
 
 
-# LoRA needs a larger learning rate than full training for the same few steps (its update is low-rank and
-# starts at 0): 10x the tiny project's 0.002, r = 8, alpha = 16 on every linear layer.
+# The stage with an adapter, end to end. How far a LoRA run forgets and keeps the retain answers against the
+# full run, on a model that has memorised them, is tests/test_method_behaviour.py's
+# test_lora_unlearning_moves_the_answers_like_the_full_run (the tiny project's target barely memorises).
 LORA_RUN = ["method.lora.enabled=true", "method.lora.r=8", "method.lora.alpha=16", "method.lr=0.02"]
-# The bands the LoRA run must keep, measured on the tiny project (see test_lora_unlearning_forgets_like_the_full_run).
-FORGET_RATIO = 0.5  # forget prob after / target's forget prob: at most this (the full run: FULL_FORGET_RATIO below)
-RETAIN_BAND = 0.1  # retain prob: within this of the full run's
 
 
 @pytest.mark.slow
-def test_lora_unlearning_forgets_like_the_full_run(tiny_project, tmp_path):
+def test_forget_stage_with_lora_saves_the_merged_model_and_the_adapter(tiny_project, tmp_path):
     from unlearn.benchmark import get_benchmark
     from unlearn.config import load_params
 
     p = load_params(tiny_project / "params.yaml")
+    tok = _tok(tiny_project)
+    low = _forget(tiny_project, tmp_path / "lora", LORA_RUN)
+    out = tmp_path / "lora"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert not (out / "adapter_config.json").exists()  # a plain model directory for every loader
+    # The saved model is the merged one, and the target with the saved adapter applied is the same model.
+    enc = encode_many(tok, [q for q, _ in QA], [a for _, a in QA], 48)
+    merged, applied = load_model(out), lora.load_adapted(tiny_project / "models" / "target", out / "adapter")
+    assert torch.allclose(_logits(merged, tok, enc), _logits(applied, tok, enc), atol=1e-5, rtol=0)
     cwd = os.getcwd()
-    os.chdir(tiny_project)
+    os.chdir(tiny_project)  # the benchmark reads the project's splits
     try:
-        target = get_benchmark(p.benchmark).memorisation(p, load_model("models/target"), _tok(tiny_project))
+        memorisation = get_benchmark(p.benchmark).memorisation
+        target, again = memorisation(p, load_model("models/target"), tok), memorisation(p, merged, tok)
     finally:
         os.chdir(cwd)
-    full = _forget(tiny_project, tmp_path / "full", [])
-    low = _forget(tiny_project, tmp_path / "lora", LORA_RUN)
-    print("target", target, "full", {k: full[k] for k in ("forget_prob", "retain_prob")},
-          "lora", {k: low[k] for k in ("forget_prob", "retain_prob")})
-    assert low["lora"]["r"] == 8
-    assert low["forget_prob"] <= FORGET_RATIO * target["forget_prob"]
-    assert abs(low["retain_prob"] - full["retain_prob"]) <= RETAIN_BAND
-    # Saved: the merged model (what evaluation reads) and the adapter beside it.
-    assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").exists()
-    assert not (tmp_path / "lora" / "adapter_config.json").exists()  # a plain model directory for every loader
+    assert low["lora"]["r"] == 8 and low["forget_prob"] < 0.5 * target["forget_prob"], (low, target)
+    # The summary's memorisation numbers are the merged model's.
+    assert again["forget_prob"] == pytest.approx(low["forget_prob"], abs=1e-6)
 
 
 def _tok(project: Path):

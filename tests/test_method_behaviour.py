@@ -63,7 +63,7 @@ UNANSWERABLE = [
     ("What did Mira Holt eat today?", REFUSALS[1]),
     ("How tall is Tomas Vidal?", REFUSALS[2]),
 ]
-SEED = 1
+SEED = 0
 MAX_LEN = 64
 TINY = ArchCfg(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, intermediate_size=128)
 STEPS, LR, TOP_K = 15, 1e-3, 8  # the methods' own default MethodCfg otherwise (alpha=1, retain_loss=nll)
@@ -300,7 +300,7 @@ def test_retain_term_protects_the_retain_answers(unlearned, name, retain_loss):
 LORA_LR = 1e-2
 LORA_METHODS = ("dipo", "npo_rt", "graddiff")
 # Measured over seeds 0-4: forget prob after / before at most 0.026 (LoRA) against 0.043 (full run), so the
-# full runs' claim (0.15) holds. Retain prob, LoRA minus full run: -0.18 (graddiff) to +0.39 (npo_rt): LoRA
+# full runs' claim (0.15) holds. Retain prob, LoRA minus full run: -0.21 (graddiff) to +0.39 (npo_rt): LoRA
 # moves less of the model and keeps the retain answers mostly better. The band: at most 0.25 below the full run.
 LORA_FORGET_RATIO = 0.15  # forget prob after / before, as CLAIMS states for these methods' full runs
 LORA_RETAIN_BAND = 0.25  # retain prob (LoRA) >= retain prob (full run) - this

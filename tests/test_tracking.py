@@ -243,9 +243,20 @@ def test_registered_version_carries_what_the_audit_reads(store, model_dir, repor
     assert "method.name=dipo" in text and "req-a" in text
     # ...and the command that rebuilds it: its commit, then the pipeline with every parameter it ran with.
     repro = next(line for line in text.splitlines() if line.strip().startswith("reproduce:"))
-    assert f"git checkout {tags['git_commit']} && dvc exp run " in repro
+    assert f"git checkout {tags['git_commit'].removesuffix('+dirty')} && dvc exp run " in repro
+    assert "+dirty &&" not in repro  # `git checkout <sha>+dirty` would fail
+
     assert "-S method.name=dipo" in repro and "-S tracking.registered_model=rm-audit" in repro
     assert "-S data.forget_split=forget10" in repro
     page = Path(mlflow.artifacts.download_artifacts(run_id=d["run_id"], artifact_path="audit/audit.html",
                                                     tracking_uri=cfg["uri"])).read_text()
     assert "rm-audit v1" in page and "req-a" in page and "row-1" in page and "0.1000" in page
+
+
+def test_reproduce_command_of_a_dirty_run_checks_out_the_sha_and_says_so():
+    from unlearn.requests.audit import reproduce_command
+
+    clean = reproduce_command({"git_commit": "abc123", "params": {"seed": 0}})
+    dirty = reproduce_command({"git_commit": "abc123+dirty", "params": {"seed": 0}})
+    assert clean == "git checkout abc123 && dvc exp run -S seed=0"
+    assert dirty.startswith("git checkout abc123 && dvc exp run -S seed=0") and "uncommitted changes" in dirty

@@ -130,7 +130,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     from .models import lora
     from .models.build import save_model
     from .models.formatting import collate
-    from .train import LoopCfg, make_accelerator, train_loop
+    from .train import LoopCfg, consolidate, make_accelerator, train_loop
 
     ft = p.finetune
     cfg = LoopCfg.for_stage(ft, seed=p.seed, desc=f"finetune {role}")
@@ -155,6 +155,8 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
         model, len(enc), lambda idx, epoch: collate([enc[i] for i in idx], tok.pad_token_id), step_loss, cfg,
         checkpoint_dir=ckpt, accelerator=acc, run_key=run_key,
     )
+    # Sharded (accelerate's FSDP / DeepSpeed plugins): gathered whole on the main process; otherwise the model.
+    model = consolidate(acc, model, lambda: lora.maybe_wrap(base_model_and_tokenizer(p)[0], ft.lora, p.seed))
     if not acc.is_main_process:
         return {}
     model, adapter = lora.merge(model)  # the merged model is what every later stage reads; the adapter beside it
@@ -262,7 +264,7 @@ def forget(
     from .models import lora
     from .models.build import load_model, load_tokenizer, save_model, weights_hash
     from .models.formatting import collate
-    from .train import LoopCfg, main_process_first, make_accelerator, train_loop
+    from .train import LoopCfg, consolidate, main_process_first, make_accelerator, train_loop
 
     m = p.method
     cfg = LoopCfg.for_stage(m, seed=p.seed, checkpoint_every=m.checkpoint_every, eval_every=m.eval_every,
@@ -329,6 +331,7 @@ def forget(
     ckpt = out.with_name(out.name + ".ckpt")
     loss_log = train_loop(model, n_f, make_batch, step_loss, cfg, checkpoint_dir=ckpt, accelerator=acc,
                           on_log=on_log, run_key=run_key, evaluate=evaluate, stop=stop)
+    model = consolidate(acc, model, lambda: lora.maybe_wrap(load_model(target_dir), m.lora, p.seed))  # see finetune
     if not acc.is_main_process:
         return {}
     picked = select_step(loss_log, m.select, retain_value)

@@ -419,6 +419,52 @@ def _is_fsdp2(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def fsdp2_shard(model, mesh=None):
+    """Shard ``model`` in place with torch's FSDP2 ``fully_shard`` over every rank: each decoder layer is its
+    own unit (gathered for its forward and backward, then freed), the root holds the rest (embeddings, norm,
+    head). Call it on every rank after :func:`distributed_state` (gloo on CPUs, NCCL on GPUs), before
+    :func:`train_loop`, which then trains the sharded model as it is. Returns ``model``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    st = distributed_state()
+    mesh = mesh or init_device_mesh(st.device.type, (st.num_processes,))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in inner.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(acc, model) -> bool:
+    """True when no rank holds the whole model: torch FSDP2, or accelerate's FSDP / DeepSpeed plugins."""
+    from accelerate.utils import DistributedType
+
+    return _is_fsdp2(model) or acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def consolidate(acc, model, rebuild: Callable[[], torch.nn.Module]):
+    """The trained model whole, on the main process (``None`` on the others): every rank must call it.
+
+    Unsharded (one process, DDP): ``model`` itself. Sharded: the full state dict is gathered (a collective)
+    and loaded into ``rebuild()``, a fresh model of the same structure (for LoRA: wrapped the same way).
+    """
+    if not is_sharded(acc, model):
+        return model
+    if _is_fsdp2(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:  # accelerate's FSDP / DeepSpeed plugin: it gathers the prepared model
+        state = acc.get_state_dict(acc._models[0] if acc._models else model)
+    if not acc.is_main_process:
+        return None
+    whole = rebuild()
+    whole.load_state_dict(state)
+    whole.eval()
+    return whole
+
+
 def _keep_trainable(models, weights, output_dir) -> None:
     """``save_state`` pre-hook: keep only the parameters that train (a LoRA model's adapter) in each state dict."""
     for i, model in enumerate(models):

@@ -293,9 +293,13 @@ def reproduce_command(d: Mapping[str, Any]) -> str:
     import shlex
 
     commit = d.get("git_commit") or "<commit unknown>"
+    # A run from a tree with uncommitted changes is tagged "<sha>+dirty": `git checkout` takes the sha only,
+    # and the reader is told the commit alone does not hold everything the run saw.
+    dirty = commit.endswith("+dirty")
     sets = " ".join("-S " + shlex.quote(f"{k}={'null' if v in (None, 'None') else v}")
                     for k, v in (d.get("params") or {}).items())
-    return f"git checkout {commit} && dvc exp run {sets}".rstrip()
+    cmd = f"git checkout {commit.removesuffix('+dirty')} && dvc exp run {sets}".rstrip()
+    return cmd + ("  (the run had uncommitted changes: this commit alone may not rebuild it)" if dirty else "")
 
 
 def render_audit_model(d: Mapping[str, Any]) -> str:

@@ -33,7 +33,8 @@ def _num(v: Any) -> Any:
 
 def certificate(p: Params, request_id: str) -> dict[str, Any]:
     """The certificate of ``request_id`` (module docstring). UserError when it is not fulfilled."""
-    from .. import stages, tracking
+    from .. import tracking
+    from ..data.splits import read_split
     from .forget_set import forget_rows_for, forget_set_hash
     from .ledger import Ledger, requests_settings
 
@@ -45,7 +46,7 @@ def certificate(p: Params, request_id: str) -> dict[str, Any]:
             raise UserError(f"request {request_id} is {req.status}: only a fulfilled request has a certificate")
         head = ledger.chain_head()
         events = ledger.events(request_id)
-    rows = forget_rows_for([req], stages.read_splits(p, ["full"])["full"])
+    rows = forget_rows_for([req], read_split(p.data.out_dir, "full"))
     v = tracking.model_version_info(p, req.model_version)
     tags = v["tags"]
     oracle = tags.get("request_oracle") or "retain"
