@@ -301,6 +301,8 @@ def plot_tradeoff(models: Sequence[ModelEntry], names: GateMetrics, gate: Mappin
         else:
             span = max(max(ys) - min(ys), 1.0)
             ax.set_ylim(min(min(ys), 0) - 0.15 * span, max(max(ys), 0) + 0.15 * span)
+    elif log_forget:
+        ax.set_ylim(1e-8, 2.0)  # nothing to place (no forget quality without a retain model): an empty log axis
     x0, x1 = ax.get_xlim()
     y0, y1 = ax.get_ylim()
     if util_bound is not None:
