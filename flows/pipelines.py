@@ -149,10 +149,17 @@ def intake_task(params_path: str, overrides: list[str] | None) -> list[str]:
     return cycle.intake(_p(params_path, overrides))
 
 
+@task(name="request-base-model")
+def base_model_task(params_path: str, overrides: list[str] | None) -> dict:
+    """requests.mode sequential: the registered version that honours every fulfilled request (else the target)."""
+    return cycle.base_model(_p(params_path, overrides))
+
+
 @task(name="request-splits")
-def request_splits_task(params_path: str, overrides: list[str] | None) -> dict:
-    """Forget set = union of every accepted request; write its TOFU-format splits and version them with DVC."""
-    return dict(cycle.request_splits(_p(params_path, overrides)))
+def request_splits_task(params_path: str, overrides: list[str] | None, plan: dict | None = None) -> dict:
+    """Forget set = union of every accepted request (sequential with a base: the new ones only); write its
+    TOFU-format splits and version them with DVC."""
+    return dict(cycle.request_splits(_p(params_path, overrides), plan))
 
 
 # --------------------------------------------------------------------------- flows
@@ -217,8 +224,11 @@ class PrefectCycle(cycle.CycleSteps):
     def intake(self) -> list[str]:
         return intake_task(params_path=self.params_path, overrides=self.overrides)
 
-    def request_splits(self) -> cycle.RequestSplitsInfo:
-        return request_splits_task(params_path=self.params_path, overrides=self.overrides)
+    def base_model(self) -> dict[str, Any]:
+        return base_model_task(params_path=self.params_path, overrides=self.overrides)
+
+    def request_splits(self, plan: dict[str, Any] | None = None) -> cycle.RequestSplitsInfo:
+        return request_splits_task(params_path=self.params_path, overrides=self.overrides, plan=plan)
 
     def finetune(self, extra: Sequence[str], *, role: str, out_dir: str) -> dict[str, Any]:
         return run_cached(finetune_task, self.params_path, [*self.overrides, *extra], role=role, out_dir=out_dir)

@@ -125,10 +125,9 @@ def test_dvc_plots_and_comparison_page_draw_offline(repo):
     assert {c.div for c in drawn(page)} == {"chart-tradeoff", "chart-histograms", "chart-loss"}, charts(page)
 
 
-@pytest.mark.xfail(reason="the forget loss log's epoch-end entries add shard_rows/rows_seen, so its rows have "
-                          "different keys and DVC refuses the file as plot data (no chart, online or offline)",
-                   strict=False)
 def test_the_unlearning_loss_plot_draws(repo):
+    """The forget loss log's epoch-end rows carry shard_rows/rows_seen; written with the same keys in every row
+    (io.plot_rows), DVC accepts it as plot data and the chart draws."""
     from browser import drawn, render
 
     d = repo["dir"]

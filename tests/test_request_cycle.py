@@ -195,3 +195,115 @@ def test_request_run_fails_safely_then_fulfils(project, monkeypatch):
     sql("DELETE FROM request_events WHERE event_id = 3")
     res = runner.invoke(app, ["audit", "--verify"])
     assert res.exit_code == 1 and "FAIL deleted event: the chain breaks after event 2" in res.output, res.output
+
+
+class Spy(CycleSteps):
+    """The in-process steps, recording the model each unlearning starts from."""
+
+    started: list[tuple[str, str]] = []
+
+    def cache(self, extra, *, target_dir):
+        self.started.append(("cache", target_dir))
+        super().cache(extra, target_dir=target_dir)
+
+    def forget(self, extra, *, out_dir, target_dir):
+        self.started.append(("forget", target_dir))
+        return super().forget(extra, out_dir=out_dir, target_dir=target_dir)
+
+
+class RelearnsRequest1(Spy):
+    """The unlearned model's evidence, with request 1 replaced by a relearned one's and the new request by a
+    forgotten one's: a model that forgets request 3 but relearns request 1."""
+
+    def request_evidence(self, *, model_path, request_ids, earlier):
+        ev = super().request_evidence(model_path=model_path, request_ids=request_ids, earlier=earlier)
+        for rid, e in ev["per_request"].items():
+            e.update(ks_pvalue=1e-9, mia_auc_loss=0.01, mia_auc_min_k_plus_plus=0.02, prob_gap=0.7, rouge_gap=0.8)
+            if rid != "req-1":
+                e.update(ks_pvalue=0.7, mia_auc_loss=0.5, mia_auc_min_k_plus_plus=0.5, prob_gap=0.0, rouge_gap=0.0)
+        return ev
+
+
+def test_sequential_mode_starts_from_the_champion_and_refuses_a_model_that_relearns_an_earlier_request(project):
+    from mlflow import MlflowClient
+
+    from unlearn import tracking
+    from unlearn.models.build import weights_hash
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["requests"]["mode"] = "sequential"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    full = read_json(project / "data" / "tofu" / "full.json")
+    authors = list(dict.fromkeys(r["author_id"] for r in full))
+    a1, a2, a3 = authors[3], authors[4], authors[5]
+    url = "sqlite:///data/requests/ledger.db"
+    p = load_params("params.yaml")
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}", registry_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+    def add(rid, author):
+        with Ledger(url) as led:
+            assert led.add(rid, "author", author, known_rows=full).status == "added"
+
+    # request 1: nothing fulfilled yet, so it is unlearned from the target
+    add("req-1", a1)
+    Spy.started = []
+    out = honour_requests(Spy())
+    assert out["status"] == "fulfilled" and out["base"] is None and out["started_from"] == "models/target"
+    assert Spy.started == [("cache", "models/target"), ("forget", "models/target")]
+    v1 = tracking.model_version_info(p, "1")
+    v1_dir = tracking.version_model_dir(p, v1)
+
+    # request 2: unlearned alone, from v1 (the champion that honours request 1): its registered model files
+    add("req-2", a2)
+    Spy.started = []
+    out = honour_requests(Spy())
+    assert out["status"] == "fulfilled" and out["decision"]["version"] == "2", out["decision"]
+    assert out["started_from"] == str(v1_dir) and out["base"]["version"] == "1"
+    assert Spy.started == [("cache", str(v1_dir)), ("forget", str(v1_dir))]
+    assert weights_hash(v1_dir) == v1["tags"]["model_weights_sha256"] == out["base"]["weights_sha256"]
+    info = out["forget_set"]
+    assert info["mode"] == "sequential" and info["rows"] == sum(r["author_id"] == a2 for r in full)
+    assert info["honoured"] == ["req-1", "req-2"] and info["earlier"] == ["req-1"]
+    paths = RequestPaths(info["forget_set_hash"], info["base_weights_sha256"])
+    retain = read_json(paths.splits_dir / "retain_requests.json")
+    assert not {a1, a2} & {r["author_id"] for r in retain}  # no earlier author comes back through the retain loss
+    # both requests' evidence is recorded on v2, with where it started from
+    tags = client.get_model_version("cycle-model", "2").tags
+    assert tags["request_ids"] == "req-1,req-2" and tags["request_mode"] == "sequential"
+    assert (tags["request_base_version"], tags["request_earlier"]) == ("1", "req-1")
+    assert tags["request_base_weights_sha256"] == v1["tags"]["model_weights_sha256"]
+    for rid in ("req-1", "req-2"):
+        for key in ("ks_pvalue", "mia_auc_loss", "mia_auc_min_k_plus_plus", "prob", "holdout_prob"):
+            assert f"request.{rid}.{key}" in tags, (rid, key)
+    with Ledger(url) as led:
+        assert [(led.get(r).status, led.get(r).model_version) for r in ("req-1", "req-2")] == [
+            ("fulfilled", "1"), ("fulfilled", "2")]
+    report = stages_verify(p)
+    assert "cycle-model v2: 1 weight file(s) match" in report and "verify: OK" in report, report
+    from unlearn import stages
+
+    text = stages.audit(p, model_version="2")
+    assert "unlearned from: cycle-model v1 (requests.mode sequential" in text and "warning" not in text, text
+
+    # request 3, from v2: a model that forgets it but relearns request 1 is refused, and request 1 is named
+    add("req-3", a3)
+    Spy.started = []
+    out = RelearnsRequest1(overrides=["requests.gate.min_ks_pvalue=0.05", "requests.gate.max_mia_auc_gap=0.2",
+                                      "requests.gate.max_prob_gap=0.1", "requests.gate.max_rouge_gap=0.2"])
+    out = honour_requests(out)
+    v2_dir = tracking.version_model_dir(p, tracking.model_version_info(p, "2"))
+    assert out["status"] == "gate_failed" and out["started_from"] == str(v2_dir)
+    assert out["forget_set"]["earlier"] == ["req-1", "req-2"]
+    reasons = out["decision"]["reasons"]
+    assert len(reasons) == 1 and reasons[0].startswith("regresses on earlier request req-1: ks_pvalue 1e-09"), reasons
+    with Ledger(url) as led:
+        r3 = led.get("req-3")
+        assert r3.status == "pending" and "regresses on earlier request req-1" in r3.reason
+        assert led.get("req-1").model_version == "1" and led.get("req-2").model_version == "2"
+    assert sorted(str(v.version) for v in client.search_model_versions("name='cycle-model'")) == ["1", "2"]
+
+
+def stages_verify(p) -> str:
+    from unlearn import stages
+
+    return stages.verify_audit_trail(p).render()

@@ -194,7 +194,7 @@ class OptimCfg(_Strict):
 # The memory knobs of both training stages (finetune, method): one definition, as for the optimiser's.
 Lora = Annotated[LoraCfg, Field(default_factory=LoraCfg, description="LoRA adapter instead of full training (peft)")]
 GradientCheckpointing = Annotated[bool, Field(
-    description="recompute each layer's activations in the backward pass (less memory, ~1/3 more time)")]
+    description="recompute each layer's activations in the backward pass (less memory, more compute)")]
 LossChunk = Annotated[int, Field(
     ge=0, description="positions per chunk of the log-softmax/cross-entropy (0: the whole sequence at once); a "
     "chunk's [B, chunk, V] float32 intermediates are recomputed in the backward pass")]
@@ -400,7 +400,7 @@ class RequestsCfg(_Strict):
                             "retain = a retain model trained per forget set (forget quality; benchmark runs)")
     mode: Literal["union", "sequential"] = Field(
         "union", description="union: unlearn every accepted request from the target; sequential: only the new "
-                             "requests, from the champion that honours the earlier ones")
+                             "requests, from the champion that honours the earlier ones (needs oracle none)")
     gate: RequestGateCfg = Field(default_factory=RequestGateCfg, description="oracle none: the per-request evidence thresholds")
 
     @field_validator("schedule_cron")
@@ -409,6 +409,13 @@ class RequestsCfg(_Strict):
         if len(v.split()) != 5:
             raise ValueError("expected a 5-field cron expression, e.g. '*/30 * * * *'")
         return v
+
+    @model_validator(mode="after")
+    def _sequential_needs_holdout_evidence(self) -> RequestsCfg:
+        if self.mode == "sequential" and self.oracle != "none":
+            raise ValueError("requests.mode sequential needs requests.oracle none: a sequential model is re-checked "
+                             "on every earlier request against the holdout, which the retain oracle does not do")
+        return self
 
     @property
     def url(self) -> str:

@@ -159,8 +159,10 @@ def request_gate(evidence: Mapping[str, Mapping[str, Any]], metrics: Mapping[str
     """The gate of a model unlearned for deletion requests without an oracle (``requests.oracle: none``): every
     request it claims to honour (``evidence``: ``{request_id: evidence}``) must pass :func:`request_checks`, and
     its utility must reach ``min_utility_ratio`` x the target's. A request in ``earlier`` (honoured by an earlier
-    version) that fails is named as a regression: the model relearned it."""
-    reasons = []
+    version; in ``requests.mode: sequential``, by the model this one was unlearned from) that fails, or has no
+    evidence, is named as a regression: the model relearned it."""
+    reasons = [f"regresses on earlier request {rid}: no evidence recorded for it (every request a model claims to "
+               "honour is re-checked)" for rid in earlier if rid not in evidence]
     for rid, ev in evidence.items():
         why = request_checks(ev, thresholds)
         if why:

@@ -37,6 +37,17 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def plot_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with the same keys in every row (a key a row lacks becomes null).
+
+    DVC reads a JSON list as plot data only when all its rows have the same keys
+    (otherwise ``dvc plots show`` drops the file with a TypeError and draws nothing);
+    a training log whose epoch-end rows carry extra fields needs this before it is written.
+    """
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k) for k in keys} for r in rows]
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 

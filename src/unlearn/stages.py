@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import Params
-from .io import read_json, write_json
+from .io import plot_rows, read_json, write_json
 
 log = logging.getLogger("unlearn")
 
@@ -352,7 +352,7 @@ def forget(
                        retain_model_forget_prob=retain_value)
     rdir = run_reports_dir(p, out, default_out, "forget")
     write_json(rdir / "summary.json", summary)
-    write_json(rdir / "loss.json", loss_log)
+    write_json(rdir / "loss.json", plot_rows(loss_log))  # a DVC plot: the same keys in every row
     write_json(rdir / "eval.json", eval_curve(loss_log, retain_value))  # the DVC plot of the evaluations
     return summary
 
@@ -610,9 +610,12 @@ def register(p: Params, model_path: str | Path | None = None, request_ids=None,
     (the version created with all its tags, the page rendered from what was written).
 
     ``request_gate``: deletion requests without an oracle (``requests.oracle: none``): ``{"per_request":
-    {request_id: holdout evidence}, "earlier": [...], "holdout_split"}`` (:mod:`unlearn.requests.evidence`). The
-    model is then gated by :func:`unlearn.gate.request_gate` instead of forget quality, each request's evidence
-    goes onto the version (``request.<id>.<key>``) and the champion rule compares the weakest request's KS p-value.
+    {request_id: holdout evidence}, "earlier": [...], "holdout_split", "mode"?, "base"?}``
+    (:mod:`unlearn.requests.evidence`). The model is then gated by :func:`unlearn.gate.request_gate` instead of
+    forget quality, each request's evidence goes onto the version (``request.<id>.<key>``; every request it claims,
+    the earlier ones included), the champion rule compares the weakest request's KS p-value, and ``mode`` / ``base``
+    (``requests.mode: sequential``: the version it was unlearned from) become the tags ``request_mode``,
+    ``request_base_model``, ``request_base_version`` and ``request_base_weights_sha256``.
     """
     from . import tracking
     from .requests import audit_html, parse_request_ids, request_tag
@@ -807,7 +810,13 @@ def _request_gate(p: Params, request_gate: dict[str, Any] | None, metrics, targe
     names = benchmark_of(p).gate_metrics
     decision = gate_fn(request_gate["per_request"], metrics, target_metrics, p.requests.gate.model_dump(),
                        p.gate.min_utility_ratio, names, earlier=tuple(request_gate.get("earlier") or ()))
-    tags = {"request_oracle": "none", "request_holdout_split": str(request_gate.get("holdout_split"))}
+    tags = {"request_oracle": "none", "request_holdout_split": str(request_gate.get("holdout_split")),
+            "request_mode": str(request_gate.get("mode") or "union"),
+            "request_earlier": ",".join(request_gate.get("earlier") or ())}
+    base = request_gate.get("base")  # requests.mode sequential: the registered version this model was unlearned from
+    if base:
+        tags.update(request_base_model=str(base["name"]), request_base_version=str(base["version"]),
+                    request_base_weights_sha256=str(base["weights_sha256"]))
     for rid, ev in request_gate["per_request"].items():
         tags.update({request_tag(rid, k): repr(float(ev[k])) for k in REQUEST_EVIDENCE_TAGS if ev.get(k) is not None})
     return decision, GateMetrics(forget="request_ks_pvalue", utility=names.utility), tags
@@ -840,8 +849,10 @@ def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, floa
 
     Read from the evaluations' per-example records, so nothing is recomputed.
     ``requests``: the ledger records (:class:`unlearn.requests.Request`) of the requests the model honours.
+    A request whose rows are not in this forget split (``requests.mode: sequential``: an earlier request, which
+    the model it started from already honoured) gets None: its evidence is the holdout evidence alone.
     """
-    from .requests import forget_rows_for
+    from .requests import RequestError, forget_rows_for
 
     if not requests:
         return {}
@@ -849,7 +860,11 @@ def request_evidence(p: Params, requests: list[Any]) -> dict[str, dict[str, floa
     forget_rows = read_splits(p, [p.data.forget_split])[p.data.forget_split]
     out: dict[str, dict[str, float | None]] = {}
     for req in requests:
-        rows = forget_rows_for([req], forget_rows)
+        try:
+            rows = forget_rows_for([req], forget_rows)
+        except RequestError:  # not unlearned here (sequential: an earlier request); a rows request: the ones here
+            ids = set(req.row_ids or ())
+            rows = [r for r in forget_rows if r["id"] in ids]
         ev = {}
         for key, name in (("prob_before", "target"), ("prob_after", "unlearned")):
             vals = [probs[name].get(r["id"]) for r in rows]

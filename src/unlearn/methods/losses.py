@@ -23,11 +23,11 @@ Conventions shared by every function here:
   to exactly what one process computes on the whole batch. ``None`` = the local
   count (a plain mean).
 * ``chunk`` (``method.loss_chunk``): every loss that reads the logits computes
-  its per-position terms over chunks of ``chunk`` positions, each under
-  activation checkpointing, so that its ``[B, T, V]`` float32 intermediates
-  (log-softmax, one-hot, p+/p-, ...) exist for one chunk at a time, in the
-  forward and in the backward pass; only the logits and their gradient are
-  whole. Same value and gradient as ``chunk=0`` (the whole sequence at once) up
+  its per-position terms over chunks of ``chunk`` positions (:func:`per_position`),
+  keeping nothing from the forward pass and recomputing each chunk in the
+  backward pass, so that its ``[B, T, V]`` float32 intermediates (log-softmax,
+  one-hot, p+/p-, ...) exist for one chunk at a time; only the logits and
+  their gradient are whole. Same value and gradient as ``chunk=0`` (the whole sequence at once) up
   to float rounding (``tests/test_losses.py``).
 """
 
@@ -39,7 +39,6 @@ from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..models.formatting import IGNORE
 from ..models.scoring import mean_nll, shift
@@ -63,22 +62,45 @@ Mask = Literal["topk", "gold"]
 def per_position(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor | None], chunk: int = 0) -> torch.Tensor:
     """``fn(*tensors)`` -> ``[B, T']``, computed over chunks of ``chunk`` positions (dim 1) and concatenated.
 
-    ``fn`` must act on each position independently (its inputs are sliced along dim 1). With ``chunk`` 0 or
-    at least the length, one call on the whole tensors. Otherwise each chunk runs under non-reentrant
-    activation checkpointing while gradients are recorded: its intermediates are freed after the forward pass
-    and recomputed, one chunk at a time, in the backward pass.
+    ``fn`` must act on each position independently (its inputs are sliced along dim 1); only the first tensor
+    (the policy logits) may carry a gradient, the others are constants (labels, reference). With ``chunk`` 0
+    or at least the length: one call on the whole tensors. Otherwise :class:`_Chunked`: no intermediate is
+    kept from the forward pass, and the backward pass recomputes one chunk at a time, writing each chunk's
+    gradient into one gradient tensor of the logits (slicing under autograd would instead make a zero-filled
+    whole-size gradient per chunk).
     """
-    length = next(t for t in tensors if t is not None).size(1)
+    length = tensors[0].size(1)
     if not chunk or length <= chunk:
         return fn(*tensors)
-    outs = []
-    for start in range(0, length, chunk):
-        parts = [None if t is None else t[:, start:start + chunk] for t in tensors]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in parts):
-            outs.append(checkpoint(fn, *parts, use_reentrant=False))
-        else:
-            outs.append(fn(*parts))
-    return torch.cat(outs, 1)
+    if not (torch.is_grad_enabled() and tensors[0].requires_grad):
+        return torch.cat([fn(*(None if t is None else t[:, i:i + chunk] for t in tensors))
+                          for i in range(0, length, chunk)], 1)
+    return _Chunked.apply(fn, chunk, *tensors)
+
+
+class _Chunked(torch.autograd.Function):
+    """:func:`per_position` with a gradient for the first input only, recomputed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, fn, chunk, logits, *rest):
+        ctx.fn, ctx.chunk = fn, chunk
+        ctx.save_for_backward(logits, *rest)
+        with torch.no_grad():
+            return torch.cat([fn(logits[:, i:i + chunk], *(None if t is None else t[:, i:i + chunk] for t in rest))
+                              for i in range(0, logits.size(1), chunk)], 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, *rest = ctx.saved_tensors
+        grad = torch.zeros_like(logits)
+        c = ctx.chunk
+        for i in range(0, logits.size(1), c):
+            with torch.enable_grad():
+                x = logits[:, i:i + c].detach().requires_grad_()
+                y = ctx.fn(x, *(None if t is None else t[:, i:i + c] for t in rest))
+                (g,) = torch.autograd.grad(y, x, grad_out[:, i:i + c])
+            grad[:, i:i + c] = g
+        return (None, None, grad, *(None for _ in rest))
 
 
 def _gold_logp(lg: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:

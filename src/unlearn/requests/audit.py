@@ -239,6 +239,9 @@ def audit_model(version_info: Mapping[str, Any] | Any, ledger: Ledger) -> dict[s
         "params": dict(sorted(params.items())),
         "git_commit": next((tags[k] for k in GIT_COMMIT_TAGS if tags.get(k)), None),
         "metrics": {k: _metric(v, k) for k in EVIDENCE_METRICS if _metric(v, k) is not None},
+        "mode": tags.get("request_mode"),
+        "unlearned_from": (f"{tags.get('request_base_model')} v{tags['request_base_version']}"
+                           if tags.get("request_base_version") else None),
         "warnings": warnings,
     }
 
@@ -311,6 +314,9 @@ def render_audit_model(d: Mapping[str, Any]) -> str:
         f"  git commit:    {d.get('git_commit') or 'n/a'}",
         f"  forget set:    {d.get('forget_set_hash') or 'n/a'} ({fmt_number(d.get('forget_rows'))} rows)",
     ]
+    if d.get("unlearned_from"):  # requests.mode sequential: the forget set is this step's; the requests are all
+        lines.append(f"  unlearned from: {d['unlearned_from']} (requests.mode {d.get('mode')}: its forget set is the "
+                     "new requests' rows; every request below was re-checked on this model)")
     for k, val in d.get("data", {}).items():
         lines.append(f"  {k}: {val}")
     if d.get("metrics"):

@@ -234,6 +234,12 @@ def run(
     d, info = out["decision"], out["forget_set"]
     typer.echo(f"forget set {info['forget_set_hash'][:12]}: {info['rows']} rows, honouring "
                f"{', '.join(info['honoured'])} (splits in {info['dir']})")
+    if out.get("base"):  # requests.mode sequential: unlearned from the champion that honours the earlier ones
+        b = out["base"]
+        typer.echo(f"  unlearned from {b['name']} v{b['version']} ({out['started_from']}); re-checked: "
+                   f"{', '.join(info.get('earlier') or []) or 'none'}")
+    elif out.get("mode") == "sequential":
+        typer.echo(f"  unlearned from the target: {out.get('plan')}")
     for name, m in out["metrics"].items():
         typer.echo(f"  {name:<9}  forget_quality={fmt_number(m.get('forget_quality'))}  "
                    f"model_utility={fmt_number(m.get('model_utility'))}")

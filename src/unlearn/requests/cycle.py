@@ -4,8 +4,13 @@
 
     intake (inbox -> ledger, stale claims recovered) -> claim (in_progress)
       -> already honoured? (a registered version's forget set holds every row: fulfilled by it, nothing trained)
-      -> target model -> request splits (+ ``dvc add``) -> retain model for that forget set -> reference cache
-      -> forget -> evaluate retain, target, unlearned -> register -> ledger: fulfilled, or back to pending
+      -> target model -> base model (``requests.mode: sequential``: the champion that honours the earlier ones)
+      -> request splits (+ ``dvc add``) -> retain model for that forget set (``oracle: retain``) -> reference cache
+      -> forget (from the base, or the target) -> evaluate (retain), target, unlearned -> holdout evidence of
+      every request it claims (``oracle: none``) -> register -> ledger: fulfilled, or back to pending
+
+``requests.mode``: ``union`` unlearns every accepted request from the target; ``sequential`` only the new ones,
+from the base (:mod:`unlearn.requests.sequential`, which also says what the reference of such a step is).
 
 :func:`honour_requests` is that sequence, and the ledger transitions around it, written
 once. ``unlearn request run`` runs it in-process with :class:`CycleSteps`; the Prefect
@@ -34,6 +39,7 @@ from typing import Any, TypedDict
 
 from ..config import Params, load_params
 from ..data.names import FORGET_REQUESTS
+from .audit import TAG_REQUEST_IDS, parse_request_ids
 from .ledger import Ledger, requests_settings
 
 log = logging.getLogger("unlearn.requests")
@@ -56,10 +62,14 @@ class RequestPaths:
     """
 
     forget_set_hash: str
+    base: str | None = None
+    """``requests.mode: sequential``: the weights hash of the model the step starts from (its splits' retain side
+    and its model depend on it too); None: from the target (union)."""
 
     @property
     def key(self) -> str:
-        return self.forget_set_hash[:12]
+        """``<hash12>``, or ``<hash12>-on-<base12>`` for a sequential step."""
+        return self.forget_set_hash[:12] + (f"-on-{self.base[:12]}" if self.base else "")
 
     @property
     def splits_dir(self) -> Path:
@@ -93,6 +103,12 @@ class RequestSplitsInfo(TypedDict):
     forget_set_hash: str
     rows: int
     honoured: list[str]
+    """Every request the unlearned model will claim to honour (its ``request_ids``)."""
+    earlier: list[str]
+    """Those already fulfilled (an earlier version honours them): a failure of theirs is a regression."""
+    mode: str
+    """``union`` or ``sequential`` (this step: a sequential run with no base yet runs as union)."""
+    base_weights_sha256: str | None
 
 
 # --------------------------------------------------------------------------- the request stages
@@ -115,15 +131,21 @@ def intake(p: Params) -> list[str]:
         return [r.request_id for r in ledger.pending()]
 
 
-def request_splits(p: Params) -> RequestSplitsInfo:
+def request_splits(p: Params, plan: dict[str, Any] | None = None) -> RequestSplitsInfo:
     """Forget set = union of every claimed and fulfilled request; write its TOFU-format splits under
     :attr:`RequestPaths.splits_dir` and version them with DVC (when the project is a DVC repository).
 
     Claimed (in progress) + already fulfilled: a later model keeps honouring earlier
     requests, and a request arriving mid-run is not silently included without being claimed.
+
+    ``plan`` (:class:`~unlearn.requests.sequential.BasePlan` as a dict) with a base (``requests.mode:
+    sequential``): the forget set is the claimed requests' rows only (minus rows the base already honours), the
+    retain split also leaves out every earlier request's authors, and the model still claims every fulfilled
+    request (``honoured``), each re-checked (``earlier``).
     """
     from .. import stages
     from .forget_set import build_request_splits, forget_rows_for, forget_set_hash, write_request_splits
+    from .sequential import BasePlan, sequential_forget_rows
 
     names = ["full", "real_authors", "world_facts", "retain_perturbed"]
     splits = stages.read_splits(p, names)
@@ -131,16 +153,25 @@ def request_splits(p: Params) -> RequestSplitsInfo:
                  for r in stages.read_splits(p, [n])[n]]
     with Ledger(requests_settings(p).url) as ledger:
         accepted = ledger.by_status("in_progress", "fulfilled")
-    rows = forget_rows_for(accepted, splits["full"])
+    claimed = [r for r in accepted if r.status == "in_progress"]
+    earlier = sorted(r.request_id for r in accepted if r.status == "fulfilled")
+    base = BasePlan.from_dict(plan).base
+    if base is None:  # union: every accepted request, from the target
+        rows, unlearned_for, exclude, base_sha = forget_rows_for(accepted, splits["full"]), accepted, None, None
+    else:  # sequential: the new requests only, from the base; the earlier ones stay out of the retain split
+        rows = sequential_forget_rows(forget_rows_for(claimed, splits["full"]),
+                                      forget_rows_for([r for r in accepted if r.status == "fulfilled"], splits["full"]))
+        unlearned_for, exclude, base_sha = claimed, forget_rows_for(accepted, splits["full"]), base["weights_sha256"]
     fhash = forget_set_hash(rows)
-    out = RequestPaths(fhash).splits_dir
+    out = RequestPaths(fhash, base_sha).splits_dir
     built = build_request_splits(splits["full"], rows, real_authors=splits["real_authors"],
                                  world_facts=splits["world_facts"], retain_perturbed=splits["retain_perturbed"],
-                                 perturbed_rows=perturbed)
-    write_request_splits(built, out, request_ids=[r.request_id for r in accepted], forget_set_hash=fhash)
+                                 perturbed_rows=perturbed, exclude_rows=exclude)
+    write_request_splits(built, out, request_ids=[r.request_id for r in unlearned_for], forget_set_hash=fhash)
     dvc_add(out)
     return {"dir": str(out), "forget_set_hash": fhash, "rows": len(rows),
-            "honoured": sorted(r.request_id for r in accepted)}
+            "honoured": sorted(r.request_id for r in accepted), "earlier": earlier,
+            "mode": "union" if base is None else "sequential", "base_weights_sha256": base_sha}
 
 
 def dvc_add(path: Path) -> None:
@@ -182,6 +213,44 @@ def already_honoured(p: Params, requests: Sequence[Any], full: Sequence[dict] | 
                             split, e)
     full = stages.read_splits(p, ["full"])["full"] if full is None else full
     return {r.request_id: coverage(r, full, versions) for r in requests}
+
+
+def base_model(p: Params) -> dict[str, Any]:
+    """:meth:`CycleSteps.base_model` (the plan of the step, JSON-ready: also a Prefect task result)."""
+    from .. import stages, tracking
+    from ..io import stable_hash
+    from .forget_set import forget_rows_for
+    from .sequential import BasePlan, pick_base
+    from .verify import TAG_WEIGHTS, weight_files, weights_problem
+
+    cfg = requests_settings(p)
+    if cfg.mode != "sequential":
+        return BasePlan("union", why="requests.mode: union: every accepted request, from the target").to_dict()
+    with Ledger(cfg.url) as ledger:
+        fulfilled = ledger.by_status("fulfilled")
+    full = stages.read_splits(p, ["full"])["full"] if fulfilled else []
+    rows_of = {r.request_id: {row["id"] for row in forget_rows_for([r], full)} for r in fulfilled}
+    versions = tracking.registered_versions(p) if fulfilled else []
+    v, why = pick_base(versions, rows_of)
+    if v is None:
+        log.info("requests.mode sequential: %s", why)
+        return BasePlan("sequential", why=why).to_dict()
+    model_dir = tracking.version_model_dir(p, v)
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        why = (f"the model files of {v.get('name')} v{v.get('version')} are gone ({model_dir}): unlearning the union "
+               "of every accepted request from the target instead")
+        log.warning("requests.mode sequential: %s", why)
+        return BasePlan("sequential", why=why).to_dict()
+    problem = weights_problem(v, model_dir)
+    if problem:
+        raise RuntimeError(f"requests.mode sequential: will not start from a model whose weights changed since it was "
+                           f"registered: {problem} (`unlearn audit --verify` shows it)")
+    weights = v["tags"].get(TAG_WEIGHTS) or stable_hash(weight_files(model_dir))
+    base = {"name": v.get("name"), "version": str(v.get("version")), "aliases": list(v.get("aliases") or []),
+            "request_ids": parse_request_ids(v["tags"].get(TAG_REQUEST_IDS)), "model_dir": str(model_dir),
+            "weights_sha256": weights}
+    log.info("requests.mode sequential: %s", why)
+    return BasePlan("sequential", base=base, why=why, earlier=sorted(rows_of)).to_dict()
 
 
 def fault_point(stage: str) -> None:
@@ -236,8 +305,17 @@ class CycleSteps:
     def intake(self) -> list[str]:
         return intake(self.params())
 
-    def request_splits(self) -> RequestSplitsInfo:
-        return request_splits(self.params())
+    def base_model(self) -> dict[str, Any]:
+        """Where the forget set's unlearning starts (:class:`~unlearn.requests.sequential.BasePlan` as a dict).
+
+        ``requests.mode: union``: the target. ``sequential``: the registered version that honours every fulfilled
+        request (:func:`~unlearn.requests.sequential.pick_base`: champion first, then newest), its model files
+        from the registry (:func:`unlearn.tracking.version_model_dir`) checked against its registered weight
+        hashes first (a mismatch raises, naming the file). No such version: the target, with the reason."""
+        return base_model(self.params())
+
+    def request_splits(self, plan: dict[str, Any] | None = None) -> RequestSplitsInfo:
+        return request_splits(self.params(), plan)
 
     def already_honoured(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """``{request_id: the registered version (VersionCoverage as a dict)}`` for each claimed request whose rows
@@ -308,9 +386,10 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
     a registered version's forget set is fulfilled by that version first, without training or evaluating anything
     (``already_honoured``: ``{request_id: that version}``); if that leaves none, the result is
     ``{"status": "honoured", "requests": [], "already_honoured"}``. Otherwise the rest (``requests``) is unlearned:
-    ``{"status": "fulfilled" | "gate_failed", "requests", "decision", "metrics", "forget_set", "already_honoured"}``.
-    On an exception the claimed requests not yet fulfilled go back to pending with the reason and it is
-    re-raised (module docstring: crash safety).
+    ``{"status": "fulfilled" | "gate_failed", "requests", "decision", "metrics", "forget_set", "already_honoured",
+    "mode", "started_from", "base", "plan"}`` (``requests.mode``; the model directory unlearned from, the target or
+    the sequential base; the base version; why that one). On an exception the claimed requests not yet fulfilled
+    go back to pending with the reason and it is re-raised (module docstring: crash safety).
     """
     steps.before_intake()
     pending = steps.intake()
@@ -338,23 +417,29 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
             log.info("requests %s: already honoured, nothing to unlearn", ", ".join(pending))
             return {"status": "honoured", "requests": [], "already_honoured": honoured}
         target = steps.target()
-        info = steps.request_splits()
-        paths = RequestPaths(info["forget_set_hash"])
+        plan = steps.base_model()  # sequential: the champion that honours the earlier requests; union: the target
+        info = steps.request_splits(plan)
+        paths = RequestPaths(info["forget_set_hash"], info.get("base_weights_sha256"))
         extra = paths.overrides()
         retain, unlearned = str(paths.retain_dir), str(paths.unlearned_dir)
+        base = plan.get("base")
+        start = str(base["model_dir"]) if base else target  # what is unlearned, and the reference (the cache)
         oracle = requests_settings(steps.params()).oracle
         if oracle == "retain":
             steps.finetune(extra, role="retain", out_dir=retain)  # gold standard for this forget set
-        steps.cache(extra, target_dir=target)
+        steps.cache(extra, target_dir=start)
         fault_point("forget")
-        steps.forget(extra, out_dir=unlearned, target_dir=target)
+        steps.forget(extra, out_dir=unlearned, target_dir=start)
         models = (("retain", retain),) if oracle == "retain" else ()
+        # utility and "before" are always against the original target: a chain of steps is bounded as a whole
         metrics = {name: steps.evaluate(extra, model_path=model, name=name, retain_dir=retain, target_dir=target)
                    for name, model in (*models, ("target", target), ("unlearned", unlearned))}
         gate = None
         if oracle == "none":  # every request the model claims to honour, against the holdout: no retain model
             gate = steps.request_evidence(model_path=unlearned, request_ids=info["honoured"],
                                           earlier=[i for i in info["honoured"] if i not in claimed])
+            gate = {**gate, "mode": plan.get("mode", "union"),
+                    "base": {k: base[k] for k in ("name", "version", "weights_sha256")} if base else None}
         decision = steps.register(extra, model_path=unlearned, request_ids=info["honoured"],
                                   **({"request_gate": gate} if gate is not None else {}))
     except BaseException as e:
@@ -365,7 +450,8 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
                     max_attempts=requests_settings(steps.params()).max_attempts)
     log.info("requests %s: %s (model version %s)", ", ".join(claimed), status, decision.get("version"))
     return {"status": status, "requests": claimed, "decision": decision, "metrics": metrics, "forget_set": info,
-            "already_honoured": honoured}
+            "already_honoured": honoured, "mode": plan.get("mode", "union"), "started_from": start,
+            "base": plan.get("base"), "plan": plan.get("why")}
 
 
 def _by_version(honoured: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:

@@ -90,6 +90,7 @@ def build_request_splits(
     world_facts: Sequence[Mapping[str, Any]] | None = None,
     retain_perturbed: Sequence[Mapping[str, Any]] | None = None,
     perturbed_rows: Iterable[Mapping[str, Any]] | None = None,
+    exclude_rows: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, list[dict]]:
     """TOFU-format splits for a requested forget set (pure: inputs are not modified, rows are copied).
 
@@ -104,6 +105,9 @@ def build_request_splits(
     * ``real_authors``, ``world_facts``: passed through when given.
     * ``retain_perturbed``: passed through when given, minus rows of forget authors
       (absent if that leaves nothing).
+    * ``exclude_rows``: rows whose authors are kept out of the retain splits too, though not unlearned here
+      (``requests.mode: sequential``: the earlier requests, which the model it starts from already honours;
+      :mod:`unlearn.requests.sequential`).
     """
     full_ids = {r["id"] for r in full_rows}
     unknown = [r["id"] for r in forget_rows if r["id"] not in full_ids]
@@ -113,7 +117,7 @@ def build_request_splits(
     if not wanted:
         raise RequestError("empty forget set: no accepted deletion requests, nothing to unlearn")
     forget = [dict(r) for r in full_rows if r["id"] in wanted]
-    authors = {r["author_id"] for r in forget}
+    authors = {r["author_id"] for r in forget} | {r["author_id"] for r in exclude_rows or ()}
     out: dict[str, list[dict]] = {
         FORGET_REQUESTS: forget,
         RETAIN_REQUESTS: [dict(r) for r in full_rows if r["author_id"] not in authors],

@@ -100,6 +100,15 @@ def _check_weights(v: Mapping[str, Any], model_dir: Path | None, rep: VerifyRepo
                        f"({str(combined or '')[:12]})")
 
 
+def weights_problem(v: Mapping[str, Any], model_dir: Path | None) -> str | None:
+    """Why the model files at ``model_dir`` are not the weights version ``v`` was registered with (the same check
+    as ``audit --verify``), or None when they match or no hash was recorded. A sequential step
+    (:mod:`unlearn.requests.sequential`) runs it before starting from a registered version."""
+    rep = VerifyReport(ledger=None)  # type: ignore[arg-type]  # only its problems are read
+    _check_weights(v, model_dir, rep)
+    return rep.problems[0] if rep.problems else None
+
+
 def _check_forget_set(v: Mapping[str, Any], ledger: Ledger, rep: VerifyReport) -> None:
     tags = v["tags"]
     fhash = tags.get(TAG_FORGET_SET_HASH)
