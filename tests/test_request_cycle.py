@@ -73,6 +73,7 @@ def test_request_run_fails_safely_then_fulfils(project, monkeypatch):
         r = led.get("req-1")
     assert r.status == "fulfilled" and r.model_name == "cycle-model" and r.model_version == "1"
     assert "fulfilled: req-1 by cycle-model v1" in res.output
+    assert "serving: cycle-model@serving = v1 (honours every fulfilled request)" in res.output
     paths = RequestPaths(r.forget_set_hash)
     assert (paths.splits_dir / "manifest.json").is_file()
     # requests.oracle: none (the default): no retain model was trained for the request, anywhere
@@ -113,7 +114,7 @@ def test_request_run_fails_safely_then_fulfils(project, monkeypatch):
     res = runner.invoke(request_app, ["add", "req-2", "--author", author])
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if "already honoured" in x)
-    assert f"already honoured by cycle-model v1 [champion, champion-{r.forget_set_hash[:8]}]: all {n_rows} row(s)" in line
+    assert f"already honoured by cycle-model v1 [champion, champion-{r.forget_set_hash[:8]}, serving]: all {n_rows} row(s)" in line
     ev = decision["request_evidence"]["req-1"]  # the same rows: the same evidence registration recorded for req-1
     assert f"answer prob before={ev['prob_before']:.4f} after={ev['prob_after']:.4f}" in line
     res = runner.invoke(request_app, ["run"])
@@ -140,7 +141,7 @@ def test_request_run_fails_safely_then_fulfils(project, monkeypatch):
     other = next(row["id"] for row in full if row["author_id"] != author)
     mine = next(row["id"] for row in full if row["author_id"] == author)
     res = runner.invoke(request_app, ["add", "req-3", "--rows", f"{mine},{other}"])
-    assert f"partly honoured: cycle-model v1 [champion, champion-{r.forget_set_hash[:8]}] holds 1 of 2 row(s)" in res.output
+    assert f"partly honoured: cycle-model v1 [champion, champion-{r.forget_set_hash[:8]}, serving] holds 1 of 2 row(s)" in res.output
     assert f"not: {other}" in res.output
     res = runner.invoke(request_app, ["run"])
     assert res.exit_code != 0 and isinstance(res.exception, Trained) and "stages.cache" in str(res.exception)
@@ -250,6 +251,7 @@ def test_sequential_mode_starts_from_the_champion_and_refuses_a_model_that_relea
     out = honour_requests(Spy())
     assert out["status"] == "fulfilled" and out["base"] is None and out["started_from"] == "models/target"
     assert Spy.started == [("cache", "models/target"), ("forget", "models/target")]
+    assert out["serving"]["version"] == "1" and str(client.get_model_version_by_alias("cycle-model", "serving").version) == "1"
     v1 = tracking.model_version_info(p, "1")
     v1_dir = tracking.version_model_dir(p, v1)
 
@@ -270,6 +272,8 @@ def test_sequential_mode_starts_from_the_champion_and_refuses_a_model_that_relea
     # both requests' evidence is recorded on v2, with where it started from
     tags = client.get_model_version("cycle-model", "2").tags
     assert tags["request_ids"] == "req-1,req-2" and tags["request_mode"] == "sequential"
+    # `serving` moved to v2, the one version that honours both (champion stays where the quality rule put it)
+    assert out["serving"]["version"] == "2" and str(client.get_model_version_by_alias("cycle-model", "serving").version) == "2"
     assert (tags["request_base_version"], tags["request_earlier"]) == ("1", "req-1")
     assert tags["request_base_weights_sha256"] == v1["tags"]["model_weights_sha256"]
     for rid in ("req-1", "req-2"):

@@ -654,6 +654,26 @@ def registered_versions(p: Params) -> list[dict[str, Any]]:
     return out
 
 
+SERVING = "serving"
+"""The alias of the version to serve: the one that honours every fulfilled deletion request (set by the request
+cycle, :func:`unlearn.requests.cycle.publish_serving`). ``champion`` ranks models of one forget set by quality;
+it does not follow the requests, so it is not what a platform should serve once requests arrive."""
+
+
+def set_serving_alias(p: Params, version: str | None) -> None:
+    """Point :data:`SERVING` at ``version``, or (None) remove it: no version honours every request, so none may
+    be served as if it did."""
+    cfg = tracking_config(p)
+    client = client_for(cfg)
+    if version is not None:
+        client.set_registered_model_alias(cfg.registered_model, SERVING, str(version))
+        return
+    try:
+        client.delete_registered_model_alias(cfg.registered_model, SERVING)
+    except Exception:  # noqa: BLE001 - no such alias (or no registered model): nothing to remove
+        pass
+
+
 def add_requests_to_version(p: Params, name: str, version: str, evidence: Mapping[str, Mapping[str, Any]]) -> str:
     """Record on a registered version that it honours more deletion requests: those settled without unlearning
     because its forget set already held their rows (:mod:`unlearn.requests.coverage`). Appends them to its

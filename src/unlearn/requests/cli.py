@@ -203,6 +203,15 @@ def retry(
             typer.echo(f"retry: {r.request_id} status={r.status}")
 
 
+def _tell_serving(out: dict) -> None:
+    """Which version the ``serving`` alias now names (the one to serve: it honours every fulfilled request)."""
+    sv = out.get("serving") or {}
+    if sv.get("version"):
+        typer.echo(f"serving: {sv['name']}@serving = v{sv['version']} (honours every fulfilled request)")
+    elif sv:
+        typer.echo(f"serving: no alias ({sv.get('why')})", err=True)
+
+
 @request_app.command("run")
 @_friendly
 def run(
@@ -230,6 +239,7 @@ def run(
                    f"its {c['covered']} rows (answer prob before={fmt_number(c.get('prob_before'))} "
                    f"after={fmt_number(c.get('prob_after'))}); nothing unlearned")
     if out["status"] == "honoured":
+        _tell_serving(out)
         return
     d, info = out["decision"], out["forget_set"]
     typer.echo(f"forget set {info['forget_set_hash'][:12]}: {info['rows']} rows, honouring "
@@ -247,6 +257,7 @@ def run(
     if out["status"] == "fulfilled":
         aliases = f" ({', '.join(d['aliases'])})" if d.get("aliases") else ""
         typer.echo(f"fulfilled: {ids} by {d['registered_model']} v{d['version']}{aliases}")
+        _tell_serving(out)
         return
     typer.echo(f"gate failed: {ids} back to pending: {'; '.join(d.get('reasons') or ['not registered'])}", err=True)
     if d.get("needs_attention"):

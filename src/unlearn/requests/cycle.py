@@ -253,6 +253,40 @@ def base_model(p: Params) -> dict[str, Any]:
     return BasePlan("sequential", base=base, why=why, earlier=sorted(rows_of)).to_dict()
 
 
+def publish_serving(p: Params) -> dict[str, Any]:
+    """Move the ``serving`` alias to the registered version that honours every fulfilled request, or remove it.
+
+    The version is the one a sequential step would start from (:func:`~unlearn.requests.sequential.pick_base`:
+    its ``request_ids`` cover every row of every fulfilled request; per-forget-set champions first, then the
+    newest). ``champion`` alone is not enough: it follows the default forget set's quality ranking and stays on
+    a model that honours only the first requests. No such version: the alias is removed (serving a model that
+    ignores a fulfilled request would break the promise the ledger records). Returns
+    ``{"version", "name", "why"}`` (``version`` None when removed).
+    """
+    from .. import stages, tracking
+    from .forget_set import forget_rows_for
+    from .sequential import pick_base
+
+    with Ledger(requests_settings(p).url) as ledger:
+        fulfilled = ledger.by_status("fulfilled")
+    if not fulfilled:
+        return {"version": None, "name": None, "why": "no request is fulfilled yet"}
+    full = stages.read_splits(p, ["full"])["full"]
+    rows_of = {r.request_id: {row["id"] for row in forget_rows_for([r], full)} for r in fulfilled}
+    versions = tracking.registered_versions(p)
+    if not versions:  # nothing registered (the store may not even exist): no alias to move
+        return {"version": None, "name": None, "why": "no registered version"}
+    v, why = pick_base(versions, rows_of)
+    tracking.set_serving_alias(p, None if v is None else v["version"])
+    if v is None:
+        log.warning("no registered version honours every fulfilled request: alias %r removed (%s)",
+                    tracking.SERVING, why)
+        return {"version": None, "name": None, "why": why}
+    log.info("alias %r -> %s v%s: it honours every fulfilled request (%s)", tracking.SERVING, v.get("name"),
+             v["version"], ", ".join(sorted(rows_of)))
+    return {"version": str(v["version"]), "name": v.get("name"), "why": why}
+
+
 def fault_point(stage: str) -> None:
     """Kill this process (SIGKILL, no cleanup) if :data:`FAULT_ENV` names ``stage``: how the tests prove that a
     crash mid-run leaves the claimed requests in_progress, never fulfilled."""
@@ -316,6 +350,10 @@ class CycleSteps:
 
     def request_splits(self, plan: dict[str, Any] | None = None) -> RequestSplitsInfo:
         return request_splits(self.params(), plan)
+
+    def publish_serving(self) -> dict[str, Any]:
+        """Point the ``serving`` alias at the version that honours every fulfilled request (:func:`publish_serving`)."""
+        return publish_serving(self.params())
 
     def already_honoured(self, request_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """``{request_id: the registered version (VersionCoverage as a dict)}`` for each claimed request whose rows
@@ -415,7 +453,8 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
                 claimed = [i for i in claimed if i not in ids]
         if not claimed:
             log.info("requests %s: already honoured, nothing to unlearn", ", ".join(pending))
-            return {"status": "honoured", "requests": [], "already_honoured": honoured}
+            return {"status": "honoured", "requests": [], "already_honoured": honoured,
+                    "serving": steps.publish_serving()}
         target = steps.target()
         plan = steps.base_model()  # sequential: the champion that honours the earlier requests; union: the target
         info = steps.request_splits(plan)
@@ -449,9 +488,10 @@ def honour_requests(steps: CycleSteps) -> dict[str, Any]:
     status = settle(url, claimed, decision, info["forget_set_hash"],
                     max_attempts=requests_settings(steps.params()).max_attempts)
     log.info("requests %s: %s (model version %s)", ", ".join(claimed), status, decision.get("version"))
+    serving = steps.publish_serving() if status == "fulfilled" or honoured else None
     return {"status": status, "requests": claimed, "decision": decision, "metrics": metrics, "forget_set": info,
             "already_honoured": honoured, "mode": plan.get("mode", "union"), "started_from": start,
-            "base": plan.get("base"), "plan": plan.get("why")}
+            "base": plan.get("base"), "plan": plan.get("why"), "serving": serving}
 
 
 def _by_version(honoured: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
