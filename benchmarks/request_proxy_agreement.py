@@ -91,7 +91,7 @@ def models(p) -> list[tuple[str, Path, dict[str, Any]]]:
 
 def evidence(p) -> None:
     from unlearn.requests import Request
-    from unlearn.requests.evidence import request_evidence_for_model
+    from unlearn.requests.evidence import EVIDENCE_VERSION, request_evidence_for_model
     from unlearn.stages import read_splits
 
     full = read_splits(p, ["full"])["full"]
@@ -101,11 +101,11 @@ def evidence(p) -> None:
              for a in sorted({r["author_id"] for r in forget})]
     for name, model_dir, _ in models(p):
         out = Path(p.reports_dir) / "eval" / name / "request_evidence.json"
-        if out.exists():
-            continue
+        if out.exists() and json.loads(out.read_text()).get("version") == EVIDENCE_VERSION:
+            continue  # computed by the same evidence code: reused (another version is recomputed)
         t0 = time.time()
         ev = request_evidence_for_model(p, model_dir, reqs, full)
-        out.write_text(json.dumps({"model": str(model_dir), "holdout_split": ev["holdout_split"],
+        out.write_text(json.dumps({"version": EVIDENCE_VERSION, "model": str(model_dir), "holdout_split": ev["holdout_split"],
                                    "per_request": ev["per_request"]}, indent=2))
         print(f"{name}: evidence {time.time() - t0:.0f}s", flush=True)
 

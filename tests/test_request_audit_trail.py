@@ -319,3 +319,34 @@ def test_the_cycle_trains_a_retain_model_only_with_the_retain_oracle(tmp_path, m
     with Ledger("sqlite:///data/requests/ledger.db") as led:  # max_attempts 2: not retried by a third run
         assert led.get("req-1").status == "needs_attention"
     assert honour_requests(Steps())["status"] == "idle"
+
+
+
+def test_the_request_gate_is_one_sided_over_unlearned_rows_pass_remembered_rows_fail():
+    """A deletion asks "is it still known better than rows never trained on?": rows the model now knows *worse*
+    (over-unlearning: AUC near 1, negative gaps) honour the request; rows known better fail, on every check."""
+    import numpy as np
+    import scipy.stats
+
+    from unlearn.gate import request_checks
+    from unlearn.requests.evidence import holdout_evidence
+
+    rng = np.random.default_rng(1)
+    attacks = ("loss", "zlib", "min_k", "min_k_plus_plus")
+    held = {"truth_ratio": [None] * 40, "prob": list(rng.uniform(0.3, 0.5, 40)), "rouge": list(rng.uniform(0.2, 0.4, 40)),
+            **{f"mia_{a}": list(rng.uniform(2, 3, 40)) for a in attacks}}
+
+    def rows(lo, hi, mia_lo, mia_hi):
+        return {"truth_ratio": [None] * 20, "prob": list(rng.uniform(lo, hi, 20)), "rouge": list(rng.uniform(lo, hi, 20)),
+                **{f"mia_{a}": list(rng.uniform(mia_lo, mia_hi, 20)) for a in attacks}}
+
+    over_rows, remembered_rows = rows(0.0, 0.1, 4, 5), rows(0.7, 0.9, 0.5, 1)
+    over, remembered = holdout_evidence(over_rows, held), holdout_evidence(remembered_rows, held)
+    assert over["mia_auc_loss"] == 1.0 and over["prob_gap"] < 0 and over["rouge_gap"] < 0
+    assert request_checks(over) == []  # the two-sided gate refused this (and the retain model itself)
+    why = request_checks(remembered)
+    assert len(why) == 5 and why[0].startswith("ks_pvalue") and "still look trained on" in why[1]
+    # the KS p-value is the one-sided one, in the remembered direction (scipy's 'less': the first sample larger)
+    for ev, r in ((over, over_rows), (remembered, remembered_rows)):
+        assert ev["ks_pvalue"] == pytest.approx(scipy.stats.ks_2samp(r["prob"], held["prob"], alternative="less").pvalue)
+    assert over["ks_pvalue"] == pytest.approx(1.0) and remembered["ks_pvalue"] < 1e-6

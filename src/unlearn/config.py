@@ -376,11 +376,12 @@ class RequestGateCfg(_Strict):
     (:mod:`unlearn.requests.evidence`). Utility is checked as ``gate.min_utility_ratio``."""
 
     min_ks_pvalue: float = Field(
-        0.05, ge=0, le=1, description="KS-test p-value of the truth ratios of the request's rows vs the holdout rows (answer "
-                               "probabilities where the holdout has no perturbed answers, as TOFU's), at least")
+        0.05, ge=0, le=1, description="one-sided KS-test p-value of 'the request's rows are known better than the holdout "
+                               "rows' (truth ratios; answer probabilities where the holdout has no perturbed answers, "
+                               "as TOFU's), at least")
     max_mia_auc_gap: float = Field(
-        0.2, ge=0, le=0.5, description="membership AUC (loss and Min-K%++) of the request's rows vs the holdout rows "
-                                       "within 0.5 +- this (0.5: indistinguishable)")
+        0.15, ge=0, le=0.5, description="membership AUC (loss and Min-K%++) of the request's rows vs the holdout rows "
+                                        "at least 0.5 - this (0.5: indistinguishable; below: still look trained on)")
     max_prob_gap: float = Field(
         0.1, ge=0, le=1, description="mean answer probability of the request's rows minus the holdout rows', at most")
     max_rouge_gap: float = Field(

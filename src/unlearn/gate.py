@@ -120,16 +120,22 @@ def at_least_as_good(new: Mapping[str, Any], champion: Mapping[str, Any], names:
     return True
 
 
-REQUEST_GATE: dict[str, float] = {"min_ks_pvalue": 0.05, "max_mia_auc_gap": 0.2, "max_prob_gap": 0.1,
+REQUEST_GATE: dict[str, float] = {"min_ks_pvalue": 0.05, "max_mia_auc_gap": 0.15, "max_prob_gap": 0.1,
                                   "max_rouge_gap": 0.2}
 """``requests.gate`` defaults: the oracle-free thresholds (:mod:`unlearn.requests.evidence`)."""
 REQUEST_MIA_KEYS: tuple[str, ...] = ("mia_auc_loss", "mia_auc_min_k_plus_plus")
-"""The membership AUCs the request gate bounds around 0.5."""
+"""The membership AUCs the request gate bounds from below (0.5 - ``max_mia_auc_gap``)."""
 
 
 def request_checks(evidence: Mapping[str, Any], thresholds: Mapping[str, float] | None = None) -> list[str]:
     """Why one request's evidence (:func:`unlearn.requests.evidence.holdout_evidence`) fails ``requests.gate``;
-    ``[]`` when it passes. A value that could not be computed fails, with the reason."""
+    ``[]`` when it passes. A value that could not be computed fails, with the reason.
+
+    Every check is one-sided, on the side of "still remembered": the KS test asks whether the rows are known
+    better than the holdout's, the AUCs fail only below 0.5 (members' side), the gaps only when positive. Rows
+    the model now knows *worse* than unseen ones (over-unlearning) pass: the request is honoured; that they
+    stand out is visible in the evidence (AUC above 0.5, negative gaps). Measured in docs/requests.md: the
+    two-sided form refused even the retain model, whose forget authors differ from the holdout authors."""
     g = {**REQUEST_GATE, **{k: float(v) for k, v in (thresholds or {}).items() if v is not None}}
     out = []
     ks = as_float(evidence.get("ks_pvalue"))
@@ -141,8 +147,9 @@ def request_checks(evidence: Mapping[str, Any], thresholds: Mapping[str, float] 
         auc = as_float(evidence.get(key))
         if auc is None:
             out.append(f"{key} is missing")
-        elif abs(auc - 0.5) > g["max_mia_auc_gap"]:
-            out.append(f"{key} {auc:.4g} is {abs(auc - 0.5):.4g} from 0.5 > max_mia_auc_gap {g['max_mia_auc_gap']:.4g}")
+        elif 0.5 - auc > g["max_mia_auc_gap"]:  # on the members' side only: an AUC above 0.5 is over-unlearning
+            out.append(f"{key} {auc:.4g} is {0.5 - auc:.4g} below 0.5 > max_mia_auc_gap {g['max_mia_auc_gap']:.4g} "
+                       "(the rows still look trained on)")
     for k, bound in (("prob_gap", "max_prob_gap"), ("rouge_gap", "max_rouge_gap")):
         gap = as_float(evidence.get(k))
         if gap is None:

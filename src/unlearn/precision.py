@@ -2,7 +2,8 @@
 
 The training loop (:mod:`unlearn.train`), the reference cache and the live reference
 all take the pair from here, so that the reference's numbers are the policy's at
-theta = ref (see docs/dipo.md, "Reference precision").
+theta = ref (see docs/dipo.md, "Reference precision"). :func:`saved_dtype` is the
+same rule's answer to the dtype a training stage saves its model in.
 """
 
 from __future__ import annotations
@@ -53,3 +54,16 @@ def autocast_context(device_type: str, mixed_precision: str):
     if mixed_precision not in _AUTOCAST_DTYPE:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {mixed_precision!r}")
     return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPE[mixed_precision])
+
+
+def saved_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype a training stage saves its model's weights in, for the mixed precision it trained under.
+
+    bf16 training (a GPU run under the rule above) saves bfloat16 weights: half the disk of float32, and the
+    precision the forwards ran in. Every other run (``no``: the CPU default; ``fp16``, whose range a saved
+    float16 copy could overflow) saves float32, so CPU results are unchanged. The master weights the
+    optimiser updated stay float32 in memory; ``save_model`` rounds them once, at the save.
+    """
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, got {mixed_precision!r}")
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32

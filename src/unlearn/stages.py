@@ -130,6 +130,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     from .models import lora
     from .models.build import save_model
     from .models.formatting import collate
+    from .precision import saved_dtype
     from .train import LoopCfg, consolidate, make_accelerator, train_loop
 
     ft = p.finetune
@@ -160,7 +161,7 @@ def finetune(p: Params, role: str, out_dir: str | Path | None = None) -> dict[st
     if not acc.is_main_process:
         return {}
     model, adapter = lora.merge(model)  # the merged model is what every later stage reads; the adapter beside it
-    save_model(model, tok, out, adapter=adapter)
+    save_model(model, tok, out, adapter=adapter, dtype=saved_dtype(acc.mixed_precision))  # bf16 run: bf16 weights
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
     if ft.lora.enabled:
@@ -264,6 +265,7 @@ def forget(
     from .models import lora
     from .models.build import load_model, load_tokenizer, save_model, weights_hash
     from .models.formatting import collate
+    from .precision import saved_dtype
     from .train import LoopCfg, consolidate, main_process_first, make_accelerator, train_loop
 
     m = p.method
@@ -291,7 +293,7 @@ def forget(
         with main_process_first():  # rank 0 builds a missing cache, the others then load it
             # The reference runs where and how the policy runs, so Delta/log-ratios are 0 at theta = ref.
             ref_cache = cache(p, target_dir, device=acc.device, mixed_precision=acc.mixed_precision)
-    elif needs_ref:
+    elif needs_ref and not m.lora.enabled:
         live = LiveReference(load_model(target_dir), top_k=None if reference == "exact" else p.cache.top_k,
                              needs=needs, mixed_precision=acc.mixed_precision)
 
@@ -301,6 +303,9 @@ def forget(
     evaluate, stop, retain_value = _training_evaluation(p, tok, enc_f, enc_r)
     # method.lora: an adapter on the frozen target. The target stays the reference (the cache is computed on it).
     model = lora.maybe_wrap(model, m.lora, p.seed)
+    if needs_ref and reference != "cache" and m.lora.enabled:  # live: the base with the adapter off, no 2nd copy
+        live = LiveReference(lora.FrozenBase(model), top_k=None if reference == "exact" else p.cache.top_k,
+                             needs=needs, mixed_precision=acc.mixed_precision)
 
     def make_batch(idx: list[int], epoch: int) -> dict:
         # Forget rows are shuffled by the loop; each gets a retain partner from a
@@ -340,7 +345,7 @@ def forget(
         log.info("method.select=%s kept step %d of %d%s", m.select, kept, len(loss_log),
                  "" if picked else " (the rule never held: the last step)")
     model, adapter = lora.merge(model)  # saved and evaluated: the merged model; the adapter beside it
-    save_model(model, tok, out, adapter=adapter)
+    save_model(model, tok, out, adapter=adapter, dtype=saved_dtype(acc.mixed_precision))  # bf16 run: bf16 weights
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = memorisation_summary(p, model, tok)
     summary.update(method=m.name, steps=len(loss_log), reference=reference, world_size=acc.num_processes,

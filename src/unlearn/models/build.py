@@ -114,8 +114,13 @@ def _looks_like_hub_id(s: str) -> bool:
     return len(parts) == 2 and all(parts) and not s.startswith(".")
 
 
-def save_model(model, tokenizer, out_dir: str | Path, adapter=None) -> None:
+def save_model(model, tokenizer, out_dir: str | Path, adapter=None, dtype: torch.dtype | None = None) -> None:
     """``save_pretrained`` (safetensors) of model and tokenizer into ``out_dir``, atomically.
+
+    ``dtype``: the dtype of the saved floating-point weights (``unlearn.precision.saved_dtype``: bfloat16 after
+    bf16 training), with ``config.json``'s ``dtype`` to match; ``None`` or the model's own dtype saves it as it
+    is. The model is cast for the save and cast back, so afterwards it holds exactly the saved (rounded) weights,
+    what ``load_model`` reads back (as float32), and a summary computed on it is the saved model's.
 
     ``adapter``: a writer of the LoRA adapter the (merged) model was trained with
     (:func:`unlearn.models.lora.merge`); it writes into ``out_dir/adapter``, where a
@@ -130,8 +135,22 @@ def save_model(model, tokenizer, out_dir: str | Path, adapter=None) -> None:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    cast = dtype is not None and own is not None and dtype != own
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # The parameters only: buffers (the rotary inv_freq, not saved) must not come back bf16-rounded.
+        params = [p for p in model.parameters() if p.is_floating_point()] if cast else []
+        for p in params:
+            p.data = p.data.to(dtype)
+        if cast:
+            model.config.dtype = dtype  # config.json's dtype: the saved weights'
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            for p in params:
+                p.data = p.data.to(own)
+            if cast:
+                model.config.dtype = own
         tokenizer.save_pretrained(tmp)
         if adapter is not None:
             from .lora import ADAPTER_DIR

@@ -11,7 +11,8 @@
 * :func:`enable_gradient_checkpointing` is the one switch of the ``gradient_checkpointing`` knobs.
 
 For unlearning the frozen base IS the target, the reference of every method, so the reference cache computed
-on the target stays exact for a LoRA run.
+on the target stays exact for a LoRA run, and a live reference (``--reference live``/``exact``) needs no second
+copy of the target: :class:`FrozenBase` runs the trained model itself with its adapter disabled.
 """
 
 from __future__ import annotations
@@ -96,6 +97,42 @@ def load_adapted(base_dir: str | Path, adapter_dir: str | Path):
     model = PeftModel.from_pretrained(load_model(base_dir), str(adapter_dir))
     model.eval()
     return model
+
+
+class FrozenBase:
+    """The frozen base of a ``peft`` model as a reference model: the same module, run with the adapter disabled.
+
+    What :class:`unlearn.cache.LiveReference` needs of a model, without a second copy of the target in memory:
+    a call runs ``model(**inputs)`` inside peft's ``disable_adapter()`` (every LoRA layer returns its base
+    layer's output: the target's numbers exactly, whatever the adapter has learnt) and in eval mode, the
+    model's training mode restored afterwards (the loop keeps training it). ``eval`` and ``to`` leave the
+    trained model alone (accelerate places it); ``parameters`` yields the frozen base weights only, so freezing
+    them (``LiveReference`` does) never freezes the adapter. The model is read at each call, so a model the
+    loop shards or moves in place is still the one run.
+    """
+
+    def __init__(self, model):
+        if not is_lora(model):
+            raise TypeError("FrozenBase needs a peft model (an adapter to disable)")
+        self.model = model
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def parameters(self):
+        return (p for p in self.model.parameters() if not p.requires_grad)
+
+    def __call__(self, *args, **kwargs):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -6,8 +6,10 @@ population** is such authors: TOFU's ``holdout01/05/10`` (real files and the syn
 request's rows are compared with the holdout rows:
 
 ``ks_pvalue`` (``ks_on``)
-    ``scipy.stats.ks_2samp`` p-value between the truth ratios of the request's rows and of the holdout rows
-    (TOFU's forget quality, with the holdout in the place of a retrained model): high = indistinguishable.
+    one-sided ``scipy.stats.ks_2samp`` p-value of "the request's rows have lower truth ratios (higher answer
+    probabilities) than the holdout rows", i.e. are still known better than rows never trained on (TOFU's forget
+    quality, with the holdout in the place of a retrained model, asked in the direction a deletion cares
+    about): high = not known better. Over-unlearned rows (known *worse*) do not lower it.
     The truth ratio needs a paraphrase and perturbed answers, which TOFU's holdout rows (real files and the
     synthetic generator) do not have; the test is then on the rows' normalised answer probability instead
     (``ks_on: prob``), the same question asked of the one per-row statistic both populations have.
@@ -41,6 +43,9 @@ from ..config import Params
 EVIDENCE_KEYS = ("ks_pvalue", "ks_on", "mia_auc_loss", "mia_auc_min_k_plus_plus", "privleak", "prob", "holdout_prob",
                  "prob_gap", "rouge", "holdout_rouge", "rouge_gap", "rows", "holdout_rows")
 """What :func:`holdout_evidence` returns for one request, in this order."""
+EVIDENCE_VERSION = 2
+"""Bump when what :func:`holdout_evidence` computes changes (2: the KS test one-sided), so stored evidence
+(benchmarks/request_proxy_agreement.py) is recomputed instead of reused."""
 CHANCE_AUC = 0.5
 """The membership AUC of a model that never saw either population."""
 
@@ -70,8 +75,13 @@ def holdout_evidence(req: Mapping[str, Sequence[Any]], holdout: Mapping[str, Seq
     ks_on = "truth_ratio"
     if not (tr_r.size and tr_h.size):  # TOFU's holdout rows have no perturbed answers: the answer probability then
         tr_r, tr_h, ks_on = _finite(req["prob"]), _finite(holdout["prob"]), "prob"
-    out: dict[str, Any] = {"ks_pvalue": float(scipy.stats.ks_2samp(tr_r, tr_h).pvalue) if tr_r.size and tr_h.size else None,
-                           "ks_on": ks_on}
+    # One-sided: the question a deletion request asks is whether the model still knows these rows *better* than
+    # rows it never saw (higher answer probability, lower truth ratio). Rows it knows worse (over-unlearning)
+    # are reported by the AUCs and gaps but do not fail the request. scipy's alternative "less" is F_req < F_hold
+    # somewhere: the request's values tend to be larger.
+    alternative = "less" if ks_on == "prob" else "greater"
+    out: dict[str, Any] = {"ks_pvalue": float(scipy.stats.ks_2samp(tr_r, tr_h, alternative=alternative).pvalue)
+                           if tr_r.size and tr_h.size else None, "ks_on": ks_on}
     for a in ATTACKS:
         key = "mia_" + a.replace("++", "_plus_plus")
         f, h = _finite(req.get(key, [])), _finite(holdout.get(key, []))
