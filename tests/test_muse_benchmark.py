@@ -3,6 +3,8 @@ refusals, and the rules that pair forget and retain text. (The data layer and th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -137,6 +139,39 @@ def test_forget_runs_on_text_chunks(muse_project):
     assert s["method"] == "graddiff" and s["steps"] == -(-len(enc.forget) // 2)
     assert (stages.model_dir(p, "unlearned") / "model.safetensors").exists()
     assert 0 <= s["forget_prob"] <= 1 and 0 <= s["retain_prob"] <= 1
+
+
+def test_knowmem_selection_keeps_the_step_muses_rule_names(muse_project, tmp_path):
+    """``method.select=knowmem_at_retain``: KnowMem on the first ``eval_rows`` forget questions is logged at
+    every evaluation; the kept step is the first whose value is at or below the retain model's, both measured
+    as the evaluation measures KnowMem (checked by calling it on the saved models)."""
+    from unlearn import stages
+    from unlearn.data.names import KNOWMEM_FORGET, KNOWMEM_FORGET_ICL
+    from unlearn.eval.muse_metrics import knowmem
+    from unlearn.models.build import load_model, load_tokenizer
+
+    p, ov = muse_project
+    stages.finetune(p, "retain")
+    over = [*ov, "method.name=graddiff", "method.eval_every=1", "method.eval_rows=3", "method.epochs=2"]
+    full = stages.forget(load_params("muse/params.yaml", over), out_dir=tmp_path / "last")
+    picked = stages.forget(load_params("muse/params.yaml", [*over, "method.select=knowmem_at_retain"]),
+                           out_dir=tmp_path / "picked")
+    log = json.loads((tmp_path / "last.reports" / "loss.json").read_text())
+    splits = stages.read_splits(p, [KNOWMEM_FORGET, KNOWMEM_FORGET_ICL])
+    tok = load_tokenizer(stages.model_dir(p, "target"))
+
+    def km(model_dir):
+        return knowmem(load_model(model_dir), tok, splits[KNOWMEM_FORGET][:3], splits[KNOWMEM_FORGET_ICL],
+                       max_new_tokens=p.muse.eval.knowmem_max_new_tokens).score
+
+    retain_value = picked["retain_model_knowmem_forget"]
+    assert retain_value == pytest.approx(km(stages.model_dir(p, "retain")), abs=1e-12)
+    assert log[-1]["eval_knowmem_forget"] == pytest.approx(km(tmp_path / "last"), abs=1e-12)  # the saved model's
+    first = next(e["step"] for e in log if e["eval_knowmem_forget"] <= retain_value)
+    assert picked["select"] == "knowmem_at_retain" and picked["selected_step"] == first == picked["steps"]
+    assert full["steps"] == len(log) >= first
+    curve = json.loads((tmp_path / "picked.reports" / "eval.json").read_text())
+    assert {"knowmem_forget", "retain_model_knowmem_forget"} <= set(curve[-1])
 
 
 def test_refusal_methods_fail_clearly_on_raw_text(muse_project):

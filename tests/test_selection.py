@@ -52,6 +52,28 @@ def test_the_rule_keeps_the_first_evaluated_step_at_or_below_the_retain_model():
         for s, v in ((2, 0.8), (4, 0.31), (6, 0.3), (8, 0.1))]
 
 
+def test_the_knowmem_rule_compares_knowmem_not_the_forget_probability():
+    """MUSE's published rule: the first step whose KnowMem on the forget QA is at or below the retain model's."""
+    h = _history({2: 0.1, 4: 0.05, 6: 0.01})  # forget probabilities that would satisfy the other rule early
+    for s, km in ((2, 0.6), (4, 0.41), (6, 0.4)):
+        h[s - 1]["eval_knowmem_forget"] = km
+    assert select_step(h, "knowmem_at_retain", 0.4)["step"] == 6
+    assert select_step(h, "knowmem_at_retain", 0.5)["step"] == 4
+    assert select_step(h, "forget_prob_at_retain", 0.5)["step"] == 2
+    assert select_step(h, "knowmem_at_retain", 0.3) is None
+    assert eval_curve(h, 0.4, "knowmem_at_retain")[-1] == {
+        "step": 6, "forget_prob": 0.01, "retain_prob": 0.9, "knowmem_forget": 0.4, "retain_model_knowmem_forget": 0.4}
+
+
+def test_the_knowmem_rule_needs_muse():
+    from unlearn.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="knowmem_at_retain needs benchmark muse"):
+        load_params("params.yaml", ["method.eval_every=2", "method.select=knowmem_at_retain"])
+    p = load_params("muse/params.yaml", ["method.eval_every=2", "method.select=knowmem_at_retain"])
+    assert p.method.select == "knowmem_at_retain"
+
+
 def test_select_needs_evaluations():
     with pytest.raises(ValueError, match="eval_every"):
         MethodCfg(select="forget_prob_at_retain")

@@ -269,9 +269,10 @@ class MethodCfg(OptimCfg):
     eval_every: int = Field(
         0, ge=0, description="optimizer steps between evaluations on a fixed slice during training (0: none)")
     eval_rows: int = Field(16, ge=1, description="forget and retain rows in that slice (the first ones of each split)")
-    select: Literal["last", "forget_prob_at_retain"] = Field(
+    select: Literal["last", "forget_prob_at_retain", "knowmem_at_retain"] = Field(
         "last", description="which model to keep: the last step, or the first evaluation whose forget probability "
-        "on the slice is at or below the retain model's (needs eval_every; looks at the forget set)")
+        "(knowmem_at_retain, MUSE: KnowMem on the forget QA) on the slice is at or below the retain model's "
+        "(needs eval_every; looks at the forget set)")
     dipo: DiPOCfg = Field(default_factory=DiPOCfg, description="DiPO (dipo, dipo_forget)")
     npo: NPOCfg = Field(default_factory=NPOCfg, description="NPO (npo, npo_rt)")
     simnpo: SimNPOCfg = Field(default_factory=SimNPOCfg, description="SimNPO (simnpo)")
@@ -456,6 +457,16 @@ class Params(_Strict):
             if name in data and data[name] is None:
                 data[name] = {}
         return data
+
+    @model_validator(mode="after")
+    def _select_rule_fits_benchmark(self) -> "Params":
+        from .methods.selection import BENCHMARKS
+
+        allowed = BENCHMARKS.get(self.method.select)
+        if allowed and self.benchmark not in allowed:
+            raise ValueError(f"method.select={self.method.select} needs benchmark {' or '.join(allowed)} (its "
+                             f"statistic is not measured on {self.benchmark}); use forget_prob_at_retain")
+        return self
 
 
 class ConfigError(UserError):

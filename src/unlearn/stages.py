@@ -261,7 +261,7 @@ def forget(
 
     from .cache import LiveReference
     from .methods.registry import get_method
-    from .methods.selection import eval_curve, select_step
+    from .methods.selection import STATISTIC, eval_curve, select_step
     from .models import lora
     from .models.build import load_model, load_tokenizer, save_model, weights_hash
     from .models.formatting import collate
@@ -353,12 +353,12 @@ def forget(
     if m.lora.enabled:
         summary["lora"] = m.lora.model_dump()
     if m.select != "last":
-        summary.update(select=m.select, selected_step=picked["step"] if picked else None,
-                       retain_model_forget_prob=retain_value)
+        summary.update({"select": m.select, "selected_step": picked["step"] if picked else None,
+                        f"retain_model_{STATISTIC[m.select]}": retain_value})
     rdir = run_reports_dir(p, out, default_out, "forget")
     write_json(rdir / "summary.json", summary)
     write_json(rdir / "loss.json", plot_rows(loss_log))  # a DVC plot: the same keys in every row
-    write_json(rdir / "eval.json", eval_curve(loss_log, retain_value))  # the DVC plot of the evaluations
+    write_json(rdir / "eval.json", eval_curve(loss_log, retain_value, m.select))  # the DVC plot of the evaluations
     return summary
 
 
@@ -366,11 +366,13 @@ def _training_evaluation(p: Params, tok, enc_f, enc_r):
     """``(evaluate, stop, retain_value)`` of ``method.eval_every`` / ``method.select`` for the forget stage.
 
     ``evaluate(model)``: mean length-normalised answer probability (the memorisation summary's measure) on
-    the first ``method.eval_rows`` forget and retain rows, the fixed slice. With a selection rule,
-    ``retain_value`` is the retain model's forget probability on the same slice (its model directory must
-    exist: ``unlearn finetune --role retain``) and ``stop(history)`` holds once the rule picks a step.
+    the first ``method.eval_rows`` forget and retain rows, the fixed slice, plus the benchmark's own slice
+    statistics (:meth:`Benchmark.slice_probes`; MUSE: KnowMem on the forget QA). With a selection rule,
+    ``retain_value`` is the retain model's value of the rule's statistic on the same slice (its model
+    directory must exist: ``unlearn finetune --role retain``) and ``stop(history)`` holds once the rule
+    picks a step.
     """
-    from .methods.selection import select_step
+    from .methods.selection import STATISTIC, select_step
     from .models.build import load_model
     from .models.scoring import length_normalised_prob, score_encoded
 
@@ -385,8 +387,11 @@ def _training_evaluation(p: Params, tok, enc_f, enc_r):
         nll, n = score_encoded(model, rows, tok.pad_token_id, batch_size=p.eval.batch_size)
         return float(length_normalised_prob(nll, n).mean())
 
+    probes = {"forget_prob": lambda model: prob(model, slice_f), "retain_prob": lambda model: prob(model, slice_r),
+              **benchmark_of(p).slice_probes(p, tok)}
+
     def evaluate(model) -> dict[str, float]:
-        return {"forget_prob": prob(model, slice_f), "retain_prob": prob(model, slice_r)}
+        return {name: probe(model) for name, probe in probes.items()}
 
     if m.select == "last":
         return evaluate, None, None
@@ -394,7 +399,7 @@ def _training_evaluation(p: Params, tok, enc_f, enc_r):
     if not retain_dir.exists():
         raise FileNotFoundError(f"method.select={m.select} compares with the retain model, but {retain_dir} does "
                                 "not exist: run `unlearn finetune --role retain` first")
-    retain_value = prob(load_model(retain_dir), slice_f)
+    retain_value = probes[STATISTIC[m.select]](load_model(retain_dir))
     return evaluate, (lambda history: select_step(history, m.select, retain_value) is not None), retain_value
 
 

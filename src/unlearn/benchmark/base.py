@@ -77,6 +77,11 @@ class Benchmark(Protocol):
     def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
         """``forget_prob`` / ``retain_prob``: mean length-normalised probability of the forget and retain examples."""
 
+    def slice_probes(self, p: Params, tokenizer) -> dict[str, Any]:
+        """The benchmark's own statistics for evaluations during training: ``{name: probe(model) -> float}`` on
+        a fixed slice of ``method.eval_rows`` rows (logged as ``eval_<name>``; a selection rule may compare one
+        with the retain model's). Forget and retain probabilities are measured for every benchmark besides."""
+
     def evaluate(self, p: Params, model_path: str | Path, name: str, *, retain_dir: Path | None,
                  target_dir: Path | None, out_dir: Path, reference_dir: Path):
         """Evaluate a saved model; writes metrics.json and a report into ``out_dir``; returns the result."""

@@ -124,6 +124,21 @@ class MUSE:
         return EncodedInputs(forget=encode_text_chunks(tokenizer, [r["text"] for r in inputs.forget], L),
                              retain=encode_text_chunks(tokenizer, [r["text"] for r in inputs.retain], L), idk=[])
 
+    def slice_probes(self, p: Params, tokenizer) -> dict[str, Any]:
+        """``knowmem_forget``: KnowMem (the evaluation's metric, its few-shot prompt and answer cut) on the first
+        ``method.eval_rows`` forget questions; what ``method.select=knowmem_at_retain`` compares."""
+        from ..eval.muse_metrics import knowmem
+
+        splits = _read(p, [KNOWMEM_FORGET, KNOWMEM_FORGET_ICL])
+        rows, icl = splits[KNOWMEM_FORGET][:p.method.eval_rows], splits[KNOWMEM_FORGET_ICL]
+
+        def knowmem_forget(model) -> float:
+            res = knowmem(model, tokenizer, rows, icl, max_new_tokens=p.muse.eval.knowmem_max_new_tokens,
+                          batch_size=p.eval.batch_size, device=next(model.parameters()).device)
+            return float("nan") if res.score is None else float(res.score)
+
+        return {"knowmem_forget": knowmem_forget}
+
     def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
         """Mean per-chunk length-normalised probability of the forget and the retain text."""
         import numpy as np

@@ -114,6 +114,10 @@ class TOFU:
         return encode_many(tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], p.model.max_length,
                            fmt=train_format(p))
 
+    def slice_probes(self, p: Params, tokenizer) -> dict[str, Any]:
+        """None beyond the forget and retain probabilities (TOFU's selection rule compares the first)."""
+        return {}
+
     def memorisation(self, p: Params, model, tokenizer) -> dict[str, float]:
         """Mean length-normalised answer probability on the forget and retain splits (400 rows at most each).
 

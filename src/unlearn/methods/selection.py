@@ -11,6 +11,10 @@ same slice. ``method.select``:
   that never saw the forget set is the target, so training stops as soon as the forget answers are no more
   likely than for it. Because the rule picks the FIRST such step, later steps cannot change the choice and
   the loop stops there.
+* ``knowmem_at_retain`` (MUSE): the rule MUSE's authors published: the first evaluated step whose KnowMem on
+  the forget QA (``eval_knowmem_forget``: ROUGE-L of greedy answers to the first ``method.eval_rows``
+  ``knowmem_forget`` questions, with the benchmark's few-shot prompt) is at or below the retain model's on the
+  same questions.
 
 Selection looks at the forget set (the evaluation slice is its first ``method.eval_rows`` rows) and at the
 retain model: the kept model is chosen with knowledge of what it is evaluated on, like early stopping on a
@@ -21,8 +25,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-RULES = ("last", "forget_prob_at_retain")
-STATISTIC = {"forget_prob_at_retain": "eval_forget_prob"}  # the logged value each rule compares
+RULES = ("last", "forget_prob_at_retain", "knowmem_at_retain")
+STATISTIC = {"forget_prob_at_retain": "forget_prob", "knowmem_at_retain": "knowmem_forget"}
+"""The statistic each rule compares (logged as ``eval_<statistic>``, the retain model's as ``retain_model_<statistic>``)."""
+BENCHMARKS = {"knowmem_at_retain": ("muse",)}
+"""Rules that need a benchmark's own statistic; the others run on any benchmark."""
 
 
 def select_step(history: Sequence[dict[str, Any]], rule: str, retain_value: float | None = None) -> dict | None:
@@ -33,21 +40,22 @@ def select_step(history: Sequence[dict[str, Any]], rule: str, retain_value: floa
         return None
     if retain_value is None:
         raise ValueError(f"rule {rule} compares with the retain model's value: pass retain_value")
-    key = STATISTIC[rule]
+    key = "eval_" + STATISTIC[rule]
     for entry in history:
         if key in entry and entry[key] <= retain_value:
             return entry
     return None
 
 
-def eval_curve(history: Sequence[dict[str, Any]], retain_value: float | None = None) -> list[dict[str, Any]]:
+def eval_curve(history: Sequence[dict[str, Any]], retain_value: float | None = None,
+               rule: str = "forget_prob_at_retain") -> list[dict[str, Any]]:
     """The evaluated steps as plot rows: ``step`` and every ``eval_<name>`` as ``<name>`` (plus the retain
-    model's forget probability on the slice, when known, as ``retain_model_forget_prob``)."""
+    model's value of the rule's statistic on the slice, when known, as ``retain_model_<statistic>``)."""
     rows = []
     for e in history:
         vals = {k[len("eval_"):]: v for k, v in e.items() if k.startswith("eval_")}
         if vals:
             if retain_value is not None:
-                vals["retain_model_forget_prob"] = retain_value
+                vals["retain_model_" + STATISTIC[rule]] = retain_value
             rows.append({"step": e["step"], **vals})
     return rows
