@@ -468,6 +468,9 @@ def _mount_subapps() -> None:
     from .requests.cli import request_app
 
     app.add_typer(request_app, name="request", help="Deletion requests: add, list, ingest the inbox, show one.")
+    from .study.cli import study_app
+
+    app.add_typer(study_app, name="study", help="The evidence study: plan, run (resumable), report from MLflow.")
 
 
 _mount_subapps()
