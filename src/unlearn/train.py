@@ -45,6 +45,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -367,7 +368,8 @@ def train_loop(
         acc.wait_for_everyone()
 
     model.train()
-    bar = tqdm(total=total, initial=state["step"], desc=cfg.desc, disable=not acc.is_local_main_process, unit="step")
+    bar = tqdm(total=total, initial=state["step"], desc=cfg.desc, unit="step",
+               disable=not acc.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")))  # study workers: none
     stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         steps = epoch_steps(n_examples, cfg.batch_size, world, cfg.grad_accum, cfg.seed, epoch)

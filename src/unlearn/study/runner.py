@@ -178,18 +178,16 @@ def run_cell(spec: StudySpec, cell: Cell) -> CellResult:
 
     p = cell_params(spec, cell)
     models, reports = Path(p.model.out_dir), Path(p.reports_dir)
+    target_mu = _target_utility(spec, cell.world, cell.split)
     if cell.phase == "reference":
-        metrics = read_json(reports / "eval" / cell.method / "metrics.json")
-        return CellResult(_numbers(metrics), {})
+        metrics = _numbers(read_json(reports / "eval" / cell.method / "metrics.json"))
+        return CellResult(_with_ratio(metrics, target_mu), {})
     out = study_dir(spec) / "cells" / cell.key
     shutil.rmtree(out.parent / f"{cell.key}.reports", ignore_errors=True)
     summary = stages.forget(p, out_dir=out, target_dir=models / "target", reference=cell.reference)
     result = stages.evaluate(p, out, cell.label().replace("/", "_"), retain_dir=models / "retain",
                              target_dir=models / "target", out_dir=out.parent / f"{cell.key}.eval")
-    metrics = {**_numbers(result.metrics), "steps": float(summary.get("steps", 0))}
-    target_mu = _target_utility(spec, cell.world, cell.split)
-    if target_mu and metrics.get("model_utility") is not None:
-        metrics["utility_ratio"] = metrics["model_utility"] / target_mu
+    metrics = _with_ratio({**_numbers(result.metrics), "steps": float(summary.get("steps", 0))}, target_mu)
     history: dict[str, list[tuple[int, float]]] = {}
     curve = out.parent / f"{cell.key}.reports" / "eval.json"
     if curve.exists():
@@ -210,6 +208,13 @@ def run_cell(spec: StudySpec, cell: Cell) -> CellResult:
     for f in out.glob("*.safetensors"):  # the weights: not kept (the evaluation and its per-example files are)
         f.unlink()
     return CellResult(metrics, history)
+
+
+def _with_ratio(metrics: dict[str, float], target_mu: float | None) -> dict[str, float]:
+    """``utility_ratio``: model utility over the target's (undefined, so absent, when the target's is 0)."""
+    if target_mu and metrics.get("model_utility") is not None:
+        metrics["utility_ratio"] = metrics["model_utility"] / target_mu
+    return metrics
 
 
 def _numbers(m: dict[str, Any]) -> dict[str, float]:
