@@ -17,8 +17,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("benchmarks, tracking, requests", ("unlearn.benchmark", "unlearn.tracking",
                                         "unlearn.requests.ledger", "unlearn.requests.inbox",
                                         "unlearn.requests.forget_set", "unlearn.requests.audit", "unlearn.requests")),
-    ("pipeline", ("unlearn.stages", "unlearn.requests.cycle")),
-    ("command line", ("unlearn.cli", "unlearn.cli_common", "unlearn.requests.cli")),
+    ("pipeline", ("unlearn.stages", "unlearn.requests.cycle", "unlearn.study")),
+    ("command line", ("unlearn.cli", "unlearn.cli_common", "unlearn.requests.cli", "unlearn.study.runner",
+                      "unlearn.study.cli")),
 ]
 
 

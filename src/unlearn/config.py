@@ -460,13 +460,16 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _select_rule_fits_benchmark(self) -> "Params":
-        from .methods.selection import BENCHMARKS
-
-        allowed = BENCHMARKS.get(self.method.select)
+        allowed = SELECT_BENCHMARKS.get(self.method.select)
         if allowed and self.benchmark not in allowed:
             raise ValueError(f"method.select={self.method.select} needs benchmark {' or '.join(allowed)} (its "
                              f"statistic is not measured on {self.benchmark}); use forget_prob_at_retain")
         return self
+
+
+SELECT_BENCHMARKS: dict[str, tuple[str, ...]] = {"knowmem_at_retain": ("muse",)}
+"""``method.select`` rules that need a benchmark's own statistic (:mod:`unlearn.methods.selection`); the others
+run on any benchmark."""
 
 
 class ConfigError(UserError):

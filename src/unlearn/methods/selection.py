@@ -28,8 +28,6 @@ from typing import Any, Sequence
 RULES = ("last", "forget_prob_at_retain", "knowmem_at_retain")
 STATISTIC = {"forget_prob_at_retain": "forget_prob", "knowmem_at_retain": "knowmem_forget"}
 """The statistic each rule compares (logged as ``eval_<statistic>``, the retain model's as ``retain_model_<statistic>``)."""
-BENCHMARKS = {"knowmem_at_retain": ("muse",)}
-"""Rules that need a benchmark's own statistic; the others run on any benchmark."""
 
 
 def select_step(history: Sequence[dict[str, Any]], rule: str, retain_value: float | None = None) -> dict | None:

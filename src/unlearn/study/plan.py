@@ -85,7 +85,7 @@ def keyed(spec: StudySpec, cell: Cell, base_params_text: str) -> Cell:
                                "phase": cell.phase, "reference": cell.reference}
     if cell.phase == "reference":
         content["model"] = cell.method
-    if cell.phase == "test":
+    if cell.phase == "test" and spec.relearn.enabled:
         content["relearn"] = spec.relearn.model_dump()
     if cell.phase in ("test", "ablation"):
         content["trajectory_every"] = spec.trajectory_every
@@ -116,13 +116,17 @@ def _items(config: Mapping[str, Value]) -> tuple[tuple[str, Value], ...]:
 
 def reference_cells(spec: StudySpec) -> list[Cell]:
     """The target and retain model of the validation world's tuning split and of every tested split."""
-    pairs = [("validation", spec.tuning.split)] + [("test", s) for s in spec.splits]
+    pairs = [] if spec.tuning.from_spec else [("validation", spec.tuning.split)]
+    pairs += [("test", s) for s in spec.splits]
     if spec.ablations and spec.ablation_split not in spec.splits:
         pairs.append(("test", spec.ablation_split))
     return [Cell("reference", w, s, m, 0) for w, s in dict.fromkeys(pairs) for m in REFERENCE_MODELS]
 
 
 def tune_cells(spec: StudySpec) -> list[Cell]:
+    """Every method's tuning configurations in the validation world (none when the choice is reused)."""
+    if spec.tuning.from_spec:
+        return []
     return [Cell("tune", "validation", spec.tuning.split, m, spec.tuning.seed_of_runs, _items(c))
             for m in spec.methods for c in tuning_configs(spec, m)]
 

@@ -158,7 +158,7 @@ def summarise(runs: Sequence[RunRecord], target_mu: float | None, min_ratio: flo
     mu = {r.seed: v for r in runs if (v := _metric(r, "model_utility")) is not None}
     ratio = {r.seed: v for r in runs if (v := utility_ratio(r, target_mu)) is not None}
     passes = sum(1 for r in runs if r.seed in fq and r.seed in ratio
-                 and fq[r.seed] > FQ_BOUND and ratio[r.seed] >= min_ratio)
+                 and fq[r.seed] >= FQ_BOUND and ratio[r.seed] >= min_ratio)
     resources = {name: _mean(_metric(r, name) for r in runs) for name, _ in RESOURCE_METRICS}
     return Stats(tuple(r.seed for r in runs), fq, mu, ratio,
                  _mean(_metric(r, "forget_prob") for r in runs), passes,

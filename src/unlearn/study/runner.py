@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,8 @@ def _link(link: Path, to: Path) -> None:
         link.symlink_to(to.resolve(), target_is_directory=True)
 
 
-def ensure_world(spec: StudySpec, world: str) -> None:
-    """Data, tokenizer and target model of ``world``, each built only when missing; the stamp checked first."""
+def ensure_data(spec: StudySpec, world: str) -> None:
+    """Data and tokenizer of ``world``, each built only when missing; the world's stamp checked first."""
     from .. import stages
 
     w = world_dir(spec, world)
@@ -99,63 +100,80 @@ def ensure_world(spec: StudySpec, world: str) -> None:
     _link(Path(p.model.out_dir) / "tokenizer", w / "tokenizer")
     if not (w / "tokenizer" / "tokenizer.json").exists():
         stages.tokenizer(p)  # into <split>/models/tokenizer, the link to the world's one
-    target = w / "target"
-    if not _has_weights(target):
-        tmp = w / "target.building"  # a killed build never looks finished
-        shutil.rmtree(tmp, ignore_errors=True)
-        stages.finetune(p, "target", out_dir=tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
 
 
-def ensure_split(spec: StudySpec, world: str, split: str) -> None:
-    """The split's retain model and the evaluations of retain and target (what reference runs read; the
-    retain model's per-example truth ratios are forget quality's reference). The world must exist."""
+def _build(train: Callable[[Path], Any], out: Path) -> None:
+    """Train into ``<out>.building`` and rename: a killed build never looks finished."""
+    if _has_weights(out):
+        return
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    train(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def ensure_model(spec: StudySpec, world: str, split: str, role: str) -> None:
+    """The world's target (``role`` target; one per world) or the split's retain model, when missing."""
     from .. import stages
 
     w = world_dir(spec, world)
     p = cell_params(spec, Cell("reference", world, split, "target", 0))
     models = Path(p.model.out_dir)
     _link(models / "tokenizer", w / "tokenizer")
+    out = w / "target" if role == "target" else models / "retain"
+    _build(lambda d: stages.finetune(p, role, out_dir=d), out)
+
+
+def ensure_evaluations(spec: StudySpec, world: str, split: str) -> None:
+    """The evaluations of the split's retain and target models (what reference runs read; the retain
+    model's per-example truth ratios are forget quality's reference, so it goes first)."""
+    from .. import stages
+
+    w = world_dir(spec, world)
+    p = cell_params(spec, Cell("reference", world, split, "target", 0))
+    models = Path(p.model.out_dir)
     _link(models / "target", w / "target")
-    retain = models / "retain"
-    if not _has_weights(retain):
-        tmp = models / "retain.building"
-        shutil.rmtree(tmp, ignore_errors=True)
-        stages.finetune(p, "retain", out_dir=tmp)
-        shutil.rmtree(retain, ignore_errors=True)
-        tmp.rename(retain)
     rdir = Path(p.reports_dir) / "eval"
     if not (rdir / "retain" / "metrics.json").exists():
-        stages.evaluate(p, retain, "retain")  # first: it writes the per-example reference of forget quality
+        stages.evaluate(p, models / "retain", "retain")
     if not (rdir / "target" / "metrics.json").exists():
         stages.evaluate(p, models / "target", "target")
 
 
-def _world_job(spec: StudySpec, world: str, split: str | None) -> None:
+def _world_job(spec: StudySpec, kind: str, world: str, split: str, role: str = "") -> None:
     from ..stages import set_threads
 
     set_threads()
-    if split is None:
-        ensure_world(spec, world)
+    if kind == "data":
+        ensure_data(spec, world)
+    elif kind == "model":
+        ensure_model(spec, world, split, role)
     else:
-        ensure_split(spec, world, split)
+        ensure_evaluations(spec, world, split)
 
 
 def ensure_worlds(spec: StudySpec, pairs: Iterable[tuple[str, str]], workers: int = 1) -> None:
-    """Every world of ``pairs`` (in parallel), then every (world, split) (in parallel)."""
+    """What the cells of ``pairs`` (world, split) need, in three rounds, each in parallel: data and tokenizer
+    per world; the targets (one per world) and the retain models (one per split) side by side, since neither
+    needs the other; the evaluations of both."""
     pairs = list(dict.fromkeys(pairs))
-    for jobs in ([(w, None) for w in dict.fromkeys(w for w, _ in pairs)], pairs):
+    worlds = list(dict.fromkeys(w for w, _ in pairs))
+    first_split = {w: next(s for ww, s in pairs if ww == w) for w in worlds}
+    rounds = [[("data", w, first_split[w]) for w in worlds],
+              [("model", w, first_split[w], "target") for w in worlds] + [("model", w, s, "retain") for w, s in pairs],
+              [("evaluate", w, s) for w, s in pairs]]
+    for jobs in rounds:
         if workers > 1 and len(jobs) > 1:
             import multiprocessing as mp
 
             with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"),
                                      initializer=_worker_init, initargs=(workers,)) as pool:
-                for fut in as_completed([pool.submit(_world_job, spec, w, s) for w, s in jobs]):
+                for fut in as_completed([pool.submit(_world_job, spec, *job) for job in jobs]):
                     fut.result()
         else:
-            for w, s in jobs:
-                _world_job(spec, w, s)
+            for job in jobs:
+                _world_job(spec, *job)
 
 
 def _target_utility(spec: StudySpec, world: str, split: str) -> float | None:
@@ -172,7 +190,7 @@ class CellResult:
 
 
 def run_cell(spec: StudySpec, cell: Cell) -> CellResult:
-    """Run one cell with the pipeline's stages (the world must exist: :func:`ensure_world`)."""
+    """Run one cell with the pipeline's stages (the world must exist: :func:`ensure_worlds`)."""
     from .. import stages
     from ..models.build import load_model, load_tokenizer
 
@@ -229,10 +247,23 @@ def _run_and_log(spec: StudySpec, cell: Cell, uri: str, experiment_id: str, git:
     from ..stages import set_threads
 
     set_threads()
+    start = time.perf_counter()
     res = run_cell(spec, cell)
     client = MlflowClient(tracking_uri=uri)
-    return log_cell_run(client, experiment_id, cell_tags(spec.name, cell, family=family, git_commit=git),
-                        res.metrics, res.history, params={"overrides": " ".join(plan.cell_overrides(spec, cell))})
+    tags = {**cell_tags(spec.name, cell, family=family, git_commit=git), "study.machine": machine()}
+    return log_cell_run(client, experiment_id, tags, {**res.metrics, "wall_s": time.perf_counter() - start},
+                        res.history, params={"overrides": " ".join(plan.cell_overrides(spec, cell))})
+
+
+def machine() -> str:
+    """Where a cell ran: host, architecture, the cores it shared, the torch build (GPU name when there is one)."""
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, {gpu}, " \
+           f"{torch.get_num_threads()} thread(s)"
 
 
 # --------------------------------------------------------------------------- the study
@@ -335,12 +366,27 @@ def _phase_cells(spec: StudySpec, phase: str, runs) -> list[Cell]:
 
 
 def current_choices(spec: StudySpec, runs) -> dict[str, plan.Choice]:
-    """Each method's chosen configuration from the finished tuning runs in ``runs`` (see :func:`plan.chosen_configs`)."""
+    """Each method's chosen configuration from the finished tuning runs in ``runs`` (see :func:`plan.chosen_configs`);
+    with ``tuning.from_spec``, the other study's choices, read from its own runs in the same store."""
+    if spec.tuning.from_spec:
+        from .spec import load_spec
+
+        other = load_spec(spec.tuning.from_spec)
+        got = current_choices(other, _store_runs(other))
+        return {m: c for m, c in got.items() if m in spec.methods}
     target = [r for r in runs if r.phase == "reference" and r.method == "target" and r.world == "validation"
               and r.split == spec.tuning.split]
     mu = target[-1].metrics.get("model_utility") if target else None
     tune = [{"method": r.method, "config": r.config, "metrics": r.metrics} for r in runs if r.phase == "tune"]
     return plan.chosen_configs(spec, tune, mu)
+
+
+def _store_runs(spec: StudySpec):
+    from ..config import load_params
+    from ..tracking import client_for, tracking_config
+
+    return read_runs(client_for(tracking_config(load_params(spec.params, list(spec.overrides)))),
+                     experiment_name(spec.name), with_history=False)
 
 
 def describe_plan(spec: StudySpec, runs) -> list[tuple[str, int, int]]:

@@ -42,6 +42,9 @@ class Tuning(_Strict):
     shared: dict[str, list[Value]] = Field(default_factory=dict, description="knob -> values, every method")
     strength: dict[str, dict[str, list[Value]]] = Field(
         default_factory=dict, description="method -> knob -> values: the method's own strength knobs")
+    from_spec: str | None = Field(
+        None, description="another study file whose chosen configurations this study reuses (no tuning runs "
+        "here: e.g. real data, where no second world exists to tune on)")
 
 
 class Criterion(_Strict):
@@ -120,6 +123,11 @@ class StudySpec(_Strict):
             raise ValueError("two ablations share a name")
         if self.ablations and "dipo" not in self.methods:
             raise ValueError("ablations vary DiPO's chosen configuration: list dipo in methods")
+        if self.ablations and self.ablation_split not in self.splits:
+            raise ValueError(f"ablation_split {self.ablation_split} is not a tested split: the ablations are "
+                             "compared with DiPO's test runs there")
+        if not self.splits or not self.seeds:
+            raise ValueError("splits and seeds must not be empty")
         return self
 
 
