@@ -88,9 +88,18 @@ def test_null_means_default_where_the_untyped_readers_allowed_it(tmp_path):
         load_params(tmp_path / "none.yaml", ["method=null"])
 
 
-@pytest.mark.parametrize("path", [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", *sorted(p for p in (ROOT / "configs").glob("*.yaml")
+                                                             if not p.name.startswith("study"))], ids=lambda p: p.name)
 def test_every_params_file_of_the_project_loads(path):
     load_params(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("study*.yaml")), ids=lambda p: p.name)
+def test_every_study_file_loads_and_its_params_too(path):
+    from unlearn.study.spec import load_spec
+
+    spec = load_spec(path)
+    load_params(ROOT / spec.params, list(spec.overrides))
 
 
 def test_consumers_read_the_typed_sections(tmp_path, monkeypatch):
